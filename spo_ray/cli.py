@@ -1,0 +1,61 @@
+"""The ``spo-ray`` command line (also ``python -m spo_ray``).
+
+    spo-ray train --preset tiny-sd15 [--config my.yaml] [section.key=value ...]
+    spo-ray train --preset tiny-sd15 --engine ray
+    spo-ray presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from spo_ray.config import ConfigError, available_presets, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    """--preset, --config and dotted overrides: shared by the CLI and the jobs/ entry points."""
+    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(available_presets())}")
+    parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spo-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run SPO training")
+    add_config_arguments(train, default_preset="tiny-sd15")
+    train.add_argument("--engine", choices=["in-process", "ray"], default="in-process")
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "presets":
+        print("\n".join(available_presets()))
+        return 0
+    try:
+        cfg = load_config(args.preset, config_file=args.config, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"spo-ray: {err}", file=sys.stderr)
+        return 2
+    if args.command == "train":
+        if args.engine == "ray":
+            from spo_ray.ray_engine import run_on_ray
+
+            result = run_on_ray(cfg)
+        else:
+            from spo_ray.local_engine import run_in_process
+
+            result = run_in_process(cfg)
+        print(json.dumps(result, indent=2))
+        return 0 if not result.get("accounting_problems") else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Building each role's components from a config: the one place both engines get them from.
+
+Sampler: policy UNet + text encoders. Scorer: VAE decoder + preference model. Trainer: UNet
+(+ the negative conditioning, computed once). The in-process engine holds all three in one
+process and shares the UNet between sampling and training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spo_ray.config import SPOConfig
+from spo_ray.models import DiffusionModel, load_diffusion_model
+from spo_ray.prompts import PromptPlan, PromptSet, default_prompt_file, load_prompts, truncate_prompts
+from spo_ray.scorers import build_scorer
+from spo_ray.scoring import PoolScorer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(cfg: SPOConfig) -> torch.device:
+    if cfg.run.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible to this process")
+    return torch.device(cfg.run.device)
+
+
+def resolve_dtype(cfg: SPOConfig, device: torch.device) -> torch.dtype:
+    """Weights' dtype for frozen parts: bf16 on GPU by default (a documented deviation from the
+    reference's fp16), fp32 on CPU."""
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[cfg.model.dtype]
+
+
+def load_model(cfg: SPOConfig, device: torch.device, components: tuple[str, ...] = ("unet", "vae", "text")) -> DiffusionModel:
+    return load_diffusion_model(
+        cfg.model.pretrained,
+        cfg.model.kind,
+        vae=cfg.model.vae,
+        dtype=resolve_dtype(cfg, device),
+        device=device,
+        num_steps=cfg.sampling.num_steps,
+        resolution=cfg.model.resolution,
+        components=components,
+    )
+
+
+def prompt_file_path(cfg: SPOConfig) -> Path:
+    return default_prompt_file() if cfg.data.prompt_file == "demo" else Path(cfg.data.prompt_file).expanduser()
+
+
+def load_prompt_set(cfg: SPOConfig) -> PromptSet:
+    """The run's prompts; raises PromptFileError naming the file and the problem."""
+    return load_prompts(prompt_file_path(cfg), max_prompts=cfg.data.max_prompts)
+
+
+def fit_prompts_to_tokenizer(prompt_set: PromptSet, model: DiffusionModel) -> PromptSet:
+    """Cut prompts longer than the text encoder's context (counted, so the log can say how many)."""
+    if not model.tokenizers:
+        return prompt_set
+    tokenizer = model.tokenizers[0]
+    prompts, truncated = truncate_prompts(prompt_set.prompts, tokenizer, max_length=tokenizer.model_max_length)
+    prompt_set.prompts = prompts
+    prompt_set.truncated += truncated
+    return prompt_set
+
+
+def prompt_plan(cfg: SPOConfig, num_prompts: int) -> PromptPlan:
+    return PromptPlan(
+        num_prompts=num_prompts, epochs=cfg.train.epochs, seed=cfg.train.seed, batch_size=cfg.sampling.prompts_per_round
+    )
+
+
+def build_pool_scorer(cfg: SPOConfig, model: DiffusionModel, device: torch.device) -> PoolScorer:
+    scorer = build_scorer(
+        cfg.scorer.type,
+        clip_dir=cfg.scorer.clip_dir,
+        checkpoint=cfg.scorer.checkpoint,
+        device=device,
+        dtype=resolve_dtype(cfg, device),
+        **cfg.scorer.kwargs,
+    )
+    return PoolScorer(model.decode, scorer, threshold=cfg.scorer.threshold, max_batch=cfg.scorer.max_batch)

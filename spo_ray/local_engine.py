@@ -1,0 +1,188 @@
+"""The in-process engine: prompts -> candidate pools -> scores -> pairs -> optimizer steps, in one
+process with no Ray. It is the reference the Ray engine is checked and measured against, and it
+uses the very same components (sampling.py, scoring.py, training.py).
+
+A round is one sampling batch of prompts under one policy version; the trainer trains on the
+round's kept pairs, then the next round samples with the updated policy (max_policy_lag 0:
+the reference's synchronous schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from spo_ray.accounting import Accounting
+from spo_ray.checkpointing import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_weights,
+    save_checkpoint,
+    trainable_state,
+)
+from spo_ray.components import (
+    build_pool_scorer,
+    fit_prompts_to_tokenizer,
+    load_model,
+    load_prompt_set,
+    prompt_plan,
+    resolve_device,
+)
+from spo_ray.config import SPOConfig
+from spo_ray.export import export_policy
+from spo_ray.sampling import CandidatePoolSampler
+from spo_ray.scoring import ScoringStats
+from spo_ray.training import LocalTrainer, NonFiniteError, expand_transitions
+
+log = logging.getLogger("spo_ray")
+
+
+class MetricsFile:
+    """Per-step and per-round metrics as JSON lines in the run directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, "time": time.time(), **record}) + "\n")
+
+
+def round_metrics(stats: ScoringStats, steps: list, lag: int) -> dict[str, float]:
+    """What a round reports: scores, kept fractions per timestep bucket, loss means."""
+    out: dict[str, float] = {
+        "mean_score": stats.mean_score,
+        "kept_fraction": stats.kept / max(stats.events, 1),
+        "policy_lag": lag,
+    }
+    for bucket, events in stats.events_by_bucket.items():
+        out[f"kept_fraction/{bucket}"] = stats.kept_by_bucket.get(bucket, 0) / events
+    if steps:
+        out["loss"] = sum(s.loss for s in steps) / len(steps)
+    return out
+
+
+def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
+    """Run SPO in this process; returns the run summary (also written to summary.json)."""
+    started = time.time()
+    prompt_set = load_prompt_set(cfg)  # bad prompt files fail here, before any model loads
+    device = resolve_device(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    model = load_model(cfg, device)
+    prompt_set = fit_prompts_to_tokenizer(prompt_set, model)
+    if prompt_set.truncated:
+        log.warning("%d prompts were longer than the text encoder's context and were truncated", prompt_set.truncated)
+    prompts = prompt_set.prompts
+    plan = prompt_plan(cfg, len(prompts))
+    trainer = LocalTrainer(model, cfg.train, cfg.sampling, device=device)
+    sampler = CandidatePoolSampler(model, cfg.sampling, cfg.train.seed)
+    pool_scorer = build_pool_scorer(cfg, model, device)
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+
+    accounting, position, version = Accounting(), 0, 0
+    resumed = latest_checkpoint(run_dir)
+    if resumed is not None:
+        state, weights, optimizer_state = load_checkpoint(resumed)
+        load_trainable_weights(model.unet, weights, source=str(resumed))
+        if optimizer_state is not None:
+            trainer.optimizer.load_state_dict(optimizer_state["optimizer"])
+            trainer.lr_schedule.load_state_dict(optimizer_state["lr_schedule"])
+        position, version = state["position"], state["policy_version"]
+        trainer.global_step, trainer.micro_step = state["global_step"], state["micro_step"]
+        accounting = Accounting(**state["accounting"])
+        log.info("resumed from %s at round %d (policy version %d)", resumed, position, version)
+
+    def checkpoint(next_position: int) -> Path:
+        return save_checkpoint(
+            run_dir,
+            position=next_position,
+            state={
+                "policy_version": version,
+                "global_step": trainer.global_step,
+                "micro_step": trainer.micro_step,
+                "accounting": accounting.to_dict(),
+                "engine": "in-process",
+            },
+            weights=trainable_state(model.unet),
+            optimizer={"optimizer": trainer.optimizer.state_dict(), "lr_schedule": trainer.lr_schedule.state_dict()},
+            keep=cfg.run.keep_checkpoints,
+        )
+
+    last_round = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
+    bar = tqdm(total=last_round, initial=position, desc="rounds", disable=not cfg.run.progress, dynamic_ncols=True)
+    stopped_by: str | None = None
+    for rnd in plan.rounds_from(position):
+        if rnd.index >= last_round:
+            break
+        t0 = time.time()
+        batch_prompts = [prompts[i] for i in rnd.prompt_ids]
+        model.unet.eval()
+        records = sampler.sample(
+            batch_prompts, rnd.prompt_ids, epoch=rnd.epoch, round_index=rnd.index, policy_version=version
+        )
+        pairs, stats = pool_scorer(records)
+        try:
+            steps = trainer.train_round(pairs, epoch=rnd.epoch, round_index=rnd.index)
+        except NonFiniteError as err:
+            stopped_by = str(err)
+            checkpoint(rnd.index)
+            break
+        num_pairs = len(pairs["pair_id"])
+        accounting.add(
+            prompts=len(rnd.prompt_ids),
+            scoring_events=stats.events,
+            kept=stats.kept,
+            rejected=stats.rejected,
+            trained=num_pairs,
+            transitions_trained=len(expand_transitions(pairs)["pair_id"]) if num_pairs else 0,
+            optimizer_steps=len(steps),
+            skipped_steps=sum(s.skipped for s in steps),
+        )
+        lag = 0 if num_pairs == 0 else version - int(pairs["policy_version"].min())
+        version += 1  # the trainer publishes the next version after each round
+        for step in steps:
+            metrics.write("step", {**asdict(step), "round": rnd.index, "epoch": rnd.epoch})
+        elapsed = time.time() - t0
+        summary = round_metrics(stats, steps, lag)
+        summary.update(round=rnd.index, epoch=rnd.epoch, pairs_per_s=stats.kept / max(elapsed, 1e-9), seconds=elapsed)
+        metrics.write("round", summary)
+        position = rnd.index + 1
+        bar.update(1)
+        bar.set_postfix(
+            prompts=accounting.prompts, kept=accounting.kept, rejected=accounting.rejected,
+            steps=trainer.global_step, loss=f"{summary.get('loss', float('nan')):.4f}",
+            score=f"{stats.mean_score:.2f}", lag=lag, pairs_s=f"{summary['pairs_per_s']:.2f}",
+        )
+        if cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0:
+            checkpoint(rnd.index + 1)
+    bar.close()
+
+    final_dir = run_dir / "final"
+    export_policy(model.unet, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir)
+    result = {
+        "engine": "in-process",
+        "run_dir": str(run_dir),
+        "final_dir": str(final_dir),
+        "position": position,
+        "policy_version": version,
+        "accounting": accounting.to_dict(),
+        "accounting_problems": accounting.problems(),
+        "seconds": time.time() - started,
+        "stopped_by": stopped_by,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    print("accounting: " + accounting.summary(), flush=True)
+    if stopped_by:
+        raise NonFiniteError(stopped_by)
+    return result

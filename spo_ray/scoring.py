@@ -1,0 +1,143 @@
+"""Scoring candidate pools into win/lose pairs (the pair rule of DESIGN.md section 1).
+
+Input: a trajectory record batch from ``sampling.py``. Each segment's k candidates are decoded
+(x0_hat -> RGB) and scored by the preference model at their own timestep; the top- and
+bottom-scored candidates form a pair, kept when the softmax gap exceeds the threshold.
+Output: a pair batch (one row per kept pair) and the scoring counts for accounting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from spo_ray.preference import select_pair
+from spo_ray.scorers import PreferenceScorer
+
+# Kept-pair fractions are reported per bucket of the scored timestep ("t0" = finished images).
+BUCKET_WIDTH = 250
+
+
+def pair_id(epoch: int, prompt_id: int, seg_start: int) -> int:
+    """A run-unique id for the pair of one prompt's segment in one epoch (for exactly-once checks)."""
+    return (epoch * 10_000_000 + prompt_id) * 1_000 + seg_start
+
+
+def timestep_bucket(t: int) -> str:
+    """'t0' for finished images, else the 250-wide bucket of t, e.g. 't1-250', 't751-1000'."""
+    if t <= 0:
+        return "t0"
+    low = (t - 1) // BUCKET_WIDTH * BUCKET_WIDTH
+    return f"t{low + 1}-{low + BUCKET_WIDTH}"
+
+
+@dataclass
+class ScoringStats:
+    """Counts for one scored batch; ``events = kept + rejected`` always."""
+
+    events: int = 0
+    kept: int = 0
+    rejected: int = 0
+    score_sum: float = 0.0  # over all scored candidates
+    images: int = 0
+    events_by_bucket: dict[str, int] = field(default_factory=dict)
+    kept_by_bucket: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: ScoringStats) -> None:
+        self.events += other.events
+        self.kept += other.kept
+        self.rejected += other.rejected
+        self.score_sum += other.score_sum
+        self.images += other.images
+        for mine, theirs in ((self.events_by_bucket, other.events_by_bucket), (self.kept_by_bucket, other.kept_by_bucket)):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value
+
+    @property
+    def mean_score(self) -> float:
+        return self.score_sum / max(self.images, 1)
+
+
+class PoolScorer:
+    """Decodes x0_hat, scores every candidate at its timestep, and applies the pair rule."""
+
+    def __init__(
+        self,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        scorer: PreferenceScorer,
+        *,
+        threshold: float,
+        max_batch: int = 64,
+    ):
+        self.decode = decode
+        self.scorer = scorer
+        self.threshold = threshold
+        self.max_batch = max_batch
+
+    @torch.no_grad()
+    def score_images(self, latents: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+        """Scores of x0_hat latents [N, C, H, W], decoded and scored in chunks of max_batch."""
+        scores = []
+        for lo in range(0, latents.shape[0], self.max_batch):
+            images = self.decode(latents[lo : lo + self.max_batch])
+            chunk = self.scorer.score(images, prompts[lo : lo + self.max_batch], timesteps[lo : lo + self.max_batch])
+            scores.append(chunk.detach().float().cpu())
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    def __call__(self, records: dict[str, object]) -> tuple[dict[str, object], ScoringStats]:
+        x0_hat: torch.Tensor = records["x0_hat"]  # [B, S, k, C, H, W]
+        batch, num_segments, k = x0_hat.shape[:3]
+        score_t: torch.Tensor = records["score_t"]  # [B, S]
+        prompts = [p for p in records["prompt"] for _ in range(num_segments * k)]
+        timesteps = score_t.unsqueeze(-1).expand(batch, num_segments, k).reshape(-1)
+        scores = self.score_images(x0_hat.reshape(-1, *x0_hat.shape[3:]), prompts, timesteps)
+        scores = scores.view(batch, num_segments, k)
+        win, lose, keep = select_pair(scores.reshape(-1, k).T, self.threshold)
+        win, lose, keep = win.view(batch, num_segments), lose.view(batch, num_segments), keep.view(batch, num_segments)
+
+        stats = ScoringStats(
+            events=batch * num_segments,
+            kept=int(keep.sum()),
+            rejected=int((~keep).sum()),
+            score_sum=float(scores.sum()),
+            images=scores.numel(),
+        )
+        for b in range(batch):
+            for s in range(num_segments):
+                bucket = timestep_bucket(int(score_t[b, s]))
+                stats.events_by_bucket[bucket] = stats.events_by_bucket.get(bucket, 0) + 1
+                if keep[b, s]:
+                    stats.kept_by_bucket[bucket] = stats.kept_by_bucket.get(bucket, 0) + 1
+
+        rows_b, rows_s = keep.nonzero(as_tuple=True)
+        chains: torch.Tensor = records["chains"]  # [B, S, k, M, C, H, W]
+        w, lo = win[rows_b, rows_s], lose[rows_b, rows_s]
+        pairs: dict[str, object] = {
+            "pair_id": torch.tensor(
+                [
+                    pair_id(int(records["epoch"][b]), int(records["prompt_id"][b]), int(records["seg_start"][b, s]))
+                    for b, s in zip(rows_b.tolist(), rows_s.tolist(), strict=True)
+                ],
+                dtype=torch.long,
+            ),
+            "prompt_id": records["prompt_id"][rows_b],
+            "prompt": [records["prompt"][b] for b in rows_b.tolist()],
+            "epoch": records["epoch"][rows_b],
+            "round": records["round"][rows_b],
+            "policy_version": records["policy_version"][rows_b],
+            "seg_start": records["seg_start"][rows_b, rows_s],
+            "seg_len": records["seg_len"][rows_b, rows_s],
+            "timesteps": records["seg_timesteps"][rows_b, rows_s],
+            "x_t": records["x_t"][rows_b, rows_s],
+            "win": chains[rows_b, rows_s, w],
+            "lose": chains[rows_b, rows_s, lo],
+            "score_win": scores[rows_b, rows_s, w],
+            "score_lose": scores[rows_b, rows_s, lo],
+            "score_t": score_t[rows_b, rows_s],
+        }
+        for key, value in records.items():
+            if key.startswith("cond_"):
+                pairs[key] = value[rows_b]
+        return pairs, stats
