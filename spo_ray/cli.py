@@ -57,5 +57,31 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def job_main(default_preset: str, argv: list[str] | None = None) -> int:
+    """Entry point of jobs/*.py: ``ray job submit -- python jobs/spo_sdxl.py --preset tiny-sdxl``.
+
+    The config is validated before this process connects to Ray, so bad input costs no cluster time.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="SPO training on a Ray cluster")
+    add_config_arguments(parser, default_preset=default_preset)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.preset, config_file=args.config, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"spo-ray: {err}", file=sys.stderr)
+        return 2
+    from spo_ray.prompts import PromptFileError
+    from spo_ray.ray_engine import run_on_ray
+
+    try:
+        result = run_on_ray(cfg)
+    except PromptFileError as err:
+        print(f"spo-ray: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0 if not result.get("accounting_problems") else 1
+
+
 if __name__ == "__main__":
     sys.exit(main())

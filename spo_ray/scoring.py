@@ -44,6 +44,10 @@ class ScoringStats:
     images: int = 0
     events_by_bucket: dict[str, int] = field(default_factory=dict)
     kept_by_bucket: dict[str, int] = field(default_factory=dict)
+    # Per input row (prompt): pools kept, and (events, kept) per timestep bucket. The Ray engine
+    # reports these per prompt so that redone work is counted once.
+    kept_per_row: list[int] = field(default_factory=list)
+    buckets_per_row: list[dict[str, tuple[int, int]]] = field(default_factory=list)
 
     def add(self, other: ScoringStats) -> None:
         self.events += other.events
@@ -105,11 +109,15 @@ class PoolScorer:
             images=scores.numel(),
         )
         for b in range(batch):
+            row: dict[str, tuple[int, int]] = {}
             for s in range(num_segments):
                 bucket = timestep_bucket(int(score_t[b, s]))
+                events, kept = row.get(bucket, (0, 0))
+                row[bucket] = (events + 1, kept + int(keep[b, s]))
                 stats.events_by_bucket[bucket] = stats.events_by_bucket.get(bucket, 0) + 1
-                if keep[b, s]:
-                    stats.kept_by_bucket[bucket] = stats.kept_by_bucket.get(bucket, 0) + 1
+                stats.kept_by_bucket[bucket] = stats.kept_by_bucket.get(bucket, 0) + int(keep[b, s])
+            stats.kept_per_row.append(int(keep[b].sum()))
+            stats.buckets_per_row.append(row)
 
         rows_b, rows_s = keep.nonzero(as_tuple=True)
         chains: torch.Tensor = records["chains"]  # [B, S, k, M, C, H, W]

@@ -30,29 +30,39 @@ COND_PREFIX = "cond_"
 # ----------------------------------------------------------------------------- policy setup
 
 
-def setup_policy(unet: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | None:
-    """Make ``unet`` the trainable policy; return a frozen reference UNet for full fine-tuning.
+def add_lora(unet: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Add the SPO LoRA (rank = alpha, gaussian init, attention projections) to a frozen UNet.
 
-    LoRA: rank = alpha, gaussian init, on to_q/to_k/to_v/to_out.0; the reference is the same UNet
-    with the adapter disabled, so no copy is returned. Full fine-tuning: every UNet weight
-    trains and a frozen deep copy is the reference.
+    The initial weights are a pure function of the seed, so every process that adds the
+    adapter (trainer ranks, sampler actors, the in-process engine) starts from the same policy.
     """
     from peft import LoraConfig
 
+    unet.requires_grad_(False)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=list(cfg.lora_targets),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.derive_seed("lora_init", cfg.seed))
+        unet.add_adapter(lora)
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # fp32 trainables under mixed precision
+
+
+def setup_policy(unet: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | None:
+    """Make ``unet`` the trainable policy; return a frozen reference UNet for full fine-tuning.
+
+    LoRA: the reference is the same UNet with the adapter disabled, so no copy is returned.
+    Full fine-tuning: every UNet weight trains and a frozen deep copy is the reference.
+    """
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.lora:
-        unet.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=list(cfg.lora_targets),
-        )
-        unet.add_adapter(lora)
-        for param in unet.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()  # fp32 trainables under mixed precision
+        add_lora(unet, cfg)
         return None
     reference = copy.deepcopy(unet).requires_grad_(False).eval()
     unet.requires_grad_(True)
@@ -185,10 +195,19 @@ def microbatch_loss(
     return loss, out
 
 
-def plan_microbatches(num: int, batch_size: int, *, seed: int, epoch: int, round_index: int) -> list[torch.Tensor]:
-    """A round's transitions shuffled (pure function of ids) and cut into micro-batches."""
+def plan_microbatches(
+    num: int, batch_size: int, *, seed: int, epoch: int, round_index: int, world_size: int = 1, rank: int = 0
+) -> list[torch.Tensor]:
+    """A round's transitions shuffled (a pure function of ids) and cut into micro-batches.
+
+    With several trainer ranks every rank sees the whole round; global micro-batch i holds
+    ``batch_size * world_size`` transitions and rank r takes every world_size-th of them, so one
+    rank gives exactly the in-process engine's micro-batches. A rank whose share of the last
+    micro-batch is empty gets an empty index (it must still join the collective step).
+    """
     order = rng.permutation(num, "pair_shuffle", seed, epoch, round_index)
-    return [order[lo : lo + batch_size] for lo in range(0, num, batch_size)]
+    step = batch_size * world_size
+    return [order[lo : lo + step][rank::world_size] for lo in range(0, num, step)]
 
 
 def warmup_lambda(warmup_steps: int):

@@ -1,0 +1,699 @@
+"""The Ray engine: SPO at cluster scale (DESIGN.md section 2).
+
+    plan rows (one per sampling task: a slice of a round's prompts)
+      -> map_batches(SamplerWorker, actor pool)  trajectory records (candidate pools)
+      -> map_batches(ScorerWorker, actor pool)   kept win/lose pairs
+      -> streaming_split(n) -> TorchTrainer workers (DeepSpeed ZeRO): SPO loss, optimizer
+    trainer rank 0 -> PolicyStore actor (versioned weights) <- samplers pull before each task
+
+Exactness rules: a round is one sampling batch of prompts under one policy version; a sampler
+may not start round q before version q - max_policy_lag is published (the store's gate), so the
+lag is bounded by construction; the trainer trains round r only once the RoundLedger says every
+prompt of round r has been scored and all of its kept pairs have arrived at the trainer ranks
+(the ledger is the round's end marker: no rank waits for rows that never come). Every rank then
+sees the whole round (gathered, ordered by pair id) and takes its slice of the same shuffled
+micro-batches, so one trainer rank reproduces the in-process engine exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+
+from spo_ray import records
+from spo_ray.accounting import Accounting
+from spo_ray.checkpointing import latest_checkpoint, load_trainable_weights, trainable_state
+from spo_ray.components import (
+    build_pool_scorer,
+    load_model,
+    load_prompt_set,
+    prompt_plan,
+    resolve_device,
+)
+from spo_ray.config import SPOConfig, config_from_dict
+from spo_ray.export import export_policy
+from spo_ray.sampling import CandidatePoolSampler
+from spo_ray.training import (
+    NonFiniteError,
+    add_lora,
+    expand_transitions,
+    microbatch_loss,
+    plan_microbatches,
+    take_rows,
+    trainable_parameters,
+    warmup_lambda,
+)
+
+log = logging.getLogger("spo_ray")
+
+
+# ----------------------------------------------------------------------------- coordination actors
+
+
+@ray.remote(num_cpus=0)
+class PolicyStore:
+    """Owns the published policy weights (objects a trainer worker puts would die with it).
+
+    Keeps at most ``keep`` versions; ``wait_newest`` is the staleness gate samplers pass before
+    each task; ``rollback`` restores the checkpoint's version on restart.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.versions: dict[int, dict[str, np.ndarray]] = {}
+        self.changed = asyncio.Condition()
+        self.blocked_waits = 0
+        self.wait_seconds = 0.0
+
+    async def publish(self, version: int, weights: dict[str, np.ndarray]) -> None:
+        async with self.changed:
+            self.versions[version] = weights
+            for old in sorted(self.versions)[: -self.keep]:
+                del self.versions[old]
+            self.changed.notify_all()
+
+    async def rollback(self, version: int, weights: dict[str, np.ndarray]) -> None:
+        async with self.changed:
+            self.versions = {version: weights}
+            self.changed.notify_all()
+
+    def newest(self) -> int:
+        return max(self.versions, default=-1)
+
+    async def wait_newest(self, min_version: int, have: int) -> tuple[int, dict[str, np.ndarray] | None]:
+        """Block until a version >= min_version exists; return the newest (weights None if ``have``)."""
+        started = time.monotonic()
+        async with self.changed:
+            if self.newest() < min_version:
+                self.blocked_waits += 1
+                await self.changed.wait_for(lambda: self.newest() >= min_version)
+            self.wait_seconds += time.monotonic() - started
+            version = self.newest()
+            return version, (None if version == have else self.versions[version])
+
+    def stats(self) -> dict[str, float]:
+        return {"newest": self.newest(), "blocked_waits": self.blocked_waits, "wait_seconds": self.wait_seconds}
+
+
+@ray.remote(num_cpus=0)
+class RoundLedger:
+    """Counts every scored prompt once, keyed by (round, prompt id): redone work is not counted
+    twice, and a round is complete exactly when each of its prompts has been scored."""
+
+    def __init__(self, round_sizes: dict[int, int]):
+        self.round_sizes = round_sizes
+        self.scored: dict[int, dict[int, tuple[int, int, int]]] = {}
+        self.duplicates = 0
+        self.by_bucket: dict[str, list[int]] = {}
+
+    def report(self, round_index: int, rows: list[tuple]) -> None:
+        """rows: (prompt_id, events, kept, rejected, {bucket: (events, kept)}) per scored prompt."""
+        seen = self.scored.setdefault(round_index, {})
+        for prompt_id, events, kept, rejected, buckets in rows:
+            if prompt_id in seen:
+                self.duplicates += 1
+                continue
+            seen[prompt_id] = (events, kept, rejected)
+            for bucket, (bucket_events, bucket_kept) in buckets.items():
+                total = self.by_bucket.setdefault(bucket, [0, 0])
+                total[0] += bucket_events
+                total[1] += bucket_kept
+
+    def status(self, round_index: int) -> tuple[bool, int, int, int]:
+        """(complete, events, kept, rejected) of a round."""
+        seen = self.scored.get(round_index, {})
+        events, kept, rejected = (sum(v[i] for v in seen.values()) for i in range(3))
+        return len(seen) == self.round_sizes[round_index], events, kept, rejected
+
+    def totals(self) -> dict[str, Any]:
+        rows = [v for seen in self.scored.values() for v in seen.values()]
+        return {
+            "prompts": len(rows),
+            "scoring_events": sum(r[0] for r in rows),
+            "kept": sum(r[1] for r in rows),
+            "rejected": sum(r[2] for r in rows),
+            "duplicate_reports": self.duplicates,
+            "by_bucket": self.by_bucket,
+        }
+
+
+def actor_names(cfg: SPOConfig) -> dict[str, str]:
+    return {"store": f"spo-policy-store-{cfg.run.name}", "ledger": f"spo-round-ledger-{cfg.run.name}"}
+
+
+def _set_threads(cfg: SPOConfig) -> None:
+    if cfg.ray.torch_threads_per_actor:
+        torch.set_num_threads(cfg.ray.torch_threads_per_actor)
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+class SamplerWorker:
+    """Ray Data actor: policy UNet + text encoders; one plan row (a slice of a round) -> records."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        self.cfg = config_from_dict(cfg_dict)
+        _set_threads(self.cfg)
+        device = resolve_device(self.cfg)
+        self.model = load_model(self.cfg, device, ("unet", "text"))
+        if self.cfg.train.lora:
+            add_lora(self.model.unet, self.cfg.train)
+        self.model.unet.eval()
+        self.sampler = CandidatePoolSampler(self.model, self.cfg.sampling, self.cfg.train.seed)
+        self.store = ray.get_actor(actor_names(self.cfg)["store"])
+        self.version = -1
+        self.busy_seconds = 0.0
+
+    def _sync_policy(self, round_index: int) -> None:
+        min_version = max(round_index - self.cfg.ray.max_policy_lag, 0)
+        version, weights = ray.get(self.store.wait_newest.remote(min_version, self.version))
+        if weights is not None:
+            tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+            if self.cfg.train.lora:
+                load_trainable_weights(self.model.unet, tensors, source=f"policy version {version}")
+            else:
+                self.model.unet.load_state_dict(tensors)
+        self.version = version
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for i in range(len(batch["round"])):
+            round_index = int(batch["round"][i])
+            self._sync_policy(round_index)
+            started = time.perf_counter()
+            prompt_ids = [int(p) for p in batch["prompt_ids"][i]]
+            prompts = [str(p) for p in batch["prompts"][i]]
+            rec = self.sampler.sample(
+                prompts, prompt_ids, epoch=int(batch["epoch"][i]), round_index=round_index, policy_version=self.version
+            )
+            out = records.to_numpy(rec)
+            out["sampler_seconds"] = np.full(len(prompts), (time.perf_counter() - started) / len(prompts))
+            yield out
+
+
+class ScorerWorker:
+    """Ray Data actor: VAE decoder + preference model; trajectory records -> kept pairs."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        self.cfg = config_from_dict(cfg_dict)
+        _set_threads(self.cfg)
+        device = resolve_device(self.cfg)
+        model = load_model(self.cfg, device, ("vae",))
+        self.pool_scorer = build_pool_scorer(self.cfg, model, device)
+        self.ledger = ray.get_actor(actor_names(self.cfg)["ledger"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        sampler_seconds = batch.pop("sampler_seconds", None)
+        rec = records.to_torch(batch)
+        pairs, stats = self.pool_scorer(rec)
+        if hasattr(self.pool_scorer.scorer, "reset_text_cache"):
+            self.pool_scorer.scorer.reset_text_cache()
+        # Report per prompt (idempotent in the ledger) so a redone batch is not counted twice.
+        events_per_row = rec["x0_hat"].shape[1]
+        by_round: dict[int, list[tuple]] = {}
+        for b, (round_index, prompt_id) in enumerate(zip(rec["round"].tolist(), rec["prompt_id"].tolist(), strict=True)):
+            kept = stats.kept_per_row[b]
+            by_round.setdefault(round_index, []).append(
+                (prompt_id, events_per_row, kept, events_per_row - kept, stats.buckets_per_row[b])
+            )
+        ray.get([self.ledger.report.remote(r, rows) for r, rows in by_round.items()])
+        out = records.to_numpy(pairs)
+        n = records.num_rows(pairs)
+        out["score_mean"] = np.full(n, stats.mean_score, dtype=np.float32)
+        out["scorer_seconds"] = np.full(n, time.perf_counter() - started, dtype=np.float64)
+        if sampler_seconds is not None:
+            out["sampler_seconds"] = np.full(n, float(np.sum(sampler_seconds)), dtype=np.float64)
+        return out
+
+
+# ----------------------------------------------------------------------------- the pair stream
+
+
+def plan_rows(cfg: SPOConfig, num_prompts: int, prompts: list[str], position: int) -> list[dict[str, Any]]:
+    """One row per sampling task: a slice of one round's prompts (rounds never mix in a task)."""
+    plan = prompt_plan(cfg, num_prompts)
+    last = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
+    rows = []
+    for rnd in plan.rounds_from(position):
+        if rnd.index >= last:
+            break
+        size = -(-len(rnd.prompt_ids) // cfg.ray.num_samplers)
+        for lo in range(0, len(rnd.prompt_ids), size):
+            ids = rnd.prompt_ids[lo : lo + size]
+            rows.append({
+                "round": rnd.index, "epoch": rnd.epoch, "prompt_ids": list(ids), "prompts": [prompts[i] for i in ids],
+            })
+    return rows
+
+
+def _role_kwargs(cfg: SPOConfig, role: str) -> dict[str, Any]:
+    res = getattr(cfg.ray, role)
+    kwargs: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if res.num_gpus:
+        kwargs["num_gpus"] = res.num_gpus
+    if res.resources:
+        kwargs["resources"] = dict(res.resources)
+    return kwargs
+
+
+def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int) -> ray.data.Dataset:
+    """The stream from the prompt plan's ``position`` on (rebuilt at every trainer restart)."""
+    rows = plan_rows(cfg, len(prompts), prompts, position)
+    cfg_dict = cfg.to_dict()
+    ds = ray.data.from_items(rows, override_num_blocks=max(len(rows), 1))
+    ds = ds.map_batches(
+        SamplerWorker,
+        fn_constructor_kwargs={"cfg_dict": cfg_dict},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_samplers),
+        **_role_kwargs(cfg, "sampler"),
+    )
+    ds = ds.map_batches(
+        ScorerWorker,
+        fn_constructor_kwargs={"cfg_dict": cfg_dict},
+        batch_size=None,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_scorers),
+        **_role_kwargs(cfg, "scorer"),
+    )
+    # Rounds, checkpoints and the lag gate pause the stream on purpose.
+    ds.context.execution_no_progress_timeout_s = -1
+    return ds
+
+
+class RoundSplit(ray.train.DataConfig):
+    """streaming_split(n, equal=False): ``equal=True`` holds rows back to balance the ranks, which
+    at max_policy_lag 0 withholds a round's last pairs until the next round, which waits for them.
+    Ranks are balanced per round by the trainer instead (every rank sees the whole round)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def deepspeed_config(cfg: SPOConfig, device: torch.device) -> dict[str, Any]:
+    t = cfg.train
+    bf16 = device.type == "cuda" and t.mixed_precision != "fp32"
+    zero: dict[str, Any] = {"stage": cfg.ray.zero_stage}
+    if cfg.ray.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": t.train_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        # Under ZeRO-1/2 param.grad is freed after reduction: only DeepSpeed's own clipping clips.
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _ShardPump:
+    """Pulls this rank's split in a background thread, so waiting for a round never blocks on the
+    iterator (which at lag 0 would wait for rows of a round that cannot start yet)."""
+
+    def __init__(self, shard):
+        self.queue: queue.Queue = queue.Queue()
+        self.by_round: dict[int, list[dict[str, Any]]] = {}
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, args=(shard,), daemon=True).start()
+
+    def _run(self, shard) -> None:
+        try:
+            for batch in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                self.queue.put(batch)
+        except BaseException as err:  # noqa: BLE001 - surfaced in the training loop
+            self.queue.put(err)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, BaseException):
+                raise RuntimeError("the pair stream failed") from item
+            batch = records.to_torch(item)
+            for r in batch["round"].unique().tolist():
+                rows = (batch["round"] == r).nonzero(as_tuple=True)[0]
+                self.by_round.setdefault(int(r), []).append(take_rows(batch, rows))
+
+    def count(self, round_index: int) -> int:
+        return sum(records.num_rows(b) for b in self.by_round.get(round_index, []))
+
+    def pop(self, round_index: int) -> list[dict[str, Any]]:
+        return self.by_round.pop(round_index, [])
+
+
+def _dist_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_s: float = 0.05) -> tuple[int, int, int]:
+    """Block until every prompt of the round is scored and all its kept pairs reached the ranks."""
+    import torch.distributed as dist
+
+    while True:
+        pump.drain()
+        status = torch.zeros(4, dtype=torch.float64)
+        if rank == 0:
+            complete, events, kept, rejected = ray.get(ledger.status.remote(round_index))
+            status = torch.tensor([float(complete), events, kept, rejected], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(status, src=0)
+        arrived = _dist_sum([pump.count(round_index)])[0]
+        complete, events, kept, rejected = (int(v) for v in status.tolist())
+        if complete and arrived == kept:
+            return events, kept, rejected
+        if complete and arrived > kept:
+            raise RuntimeError(f"round {round_index}: {arrived} pairs arrived but the ledger kept {kept}")
+        time.sleep(poll_s)
+
+
+def _gather_round(local: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    mine = records.concat(local)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        mine = records.concat([p for p in parts if p])
+    return records.sort_rows(mine, "pair_id") if mine else mine
+
+
+def _published_weights(engine, cfg: SPOConfig) -> dict[str, np.ndarray] | None:
+    """Trainable weights as numpy (gathered collectively under ZeRO-3: every rank must call)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module
+    params = dict(module.named_parameters()) if not cfg.train.lora else {
+        n: p for n, p in module.named_parameters() if p.requires_grad
+    }
+    context = (
+        deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
+        if cfg.ray.zero_stage == 3
+        else _null()
+    )
+    with context:
+        if dist.get_rank() != 0:
+            return None
+        state = trainable_state(module) if cfg.train.lora else module.state_dict()
+        return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DeepSpeed UNet, SPO loss on each round's pairs, publish, repeat."""
+    import deepspeed
+
+    cfg = config_from_dict(config["cfg"])
+    prompts: list[str] = config["prompts"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _set_threads(cfg)
+    device = ray.train.torch.get_device() if cfg.ray.trainer.num_gpus else torch.device("cpu")
+    names = actor_names(cfg)
+    store, ledger = ray.get_actor(names["store"]), ray.get_actor(names["ledger"])
+    run_dir = cfg.run_dir
+
+    model = load_model(cfg, device, ("unet", "text"))
+    model.negative_conditioning(1)  # cached; the trainer needs no text encoder after this
+    model.free_text_encoders()
+    from spo_ray.training import setup_policy
+
+    frozen_copy = setup_policy(model.unet, cfg.train)
+    position, version, accounting = 0, 0, Accounting()
+    resumed = latest_checkpoint(run_dir)
+    if resumed is not None:
+        from spo_ray.checkpointing import load_checkpoint
+
+        state, weights, _ = load_checkpoint(resumed)
+        load_trainable_weights(model.unet, weights, source=str(resumed))
+        position, version = state["position"], state["policy_version"]
+        accounting = Accounting(**state["accounting"])
+    params = trainable_parameters(model.unet)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        weight_decay=cfg.train.adam_weight_decay, eps=cfg.train.adam_epsilon,
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.train.lr_warmup_steps))
+    engine, optimizer, _, lr_schedule = deepspeed.initialize(
+        model=model.unet, optimizer=optimizer, lr_scheduler=lr_schedule, config=deepspeed_config(cfg, device)
+    )
+    autocast = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision != "fp32" else None
+
+    # Publish the starting policy (the store rolls back to it on a restart).
+    weights = _published_weights(engine, cfg)
+    if rank == 0:
+        ray.get(store.rollback.remote(version, weights))
+
+    pump = _ShardPump(ray.train.get_dataset_shard("pairs"))
+    plan = prompt_plan(cfg, len(prompts))
+    last = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
+    metrics_path = run_dir / "metrics.jsonl"
+    global_step, nonfinite_in_a_row, max_lag, lags = 0, 0, 0, []
+    started = time.time()
+    for rnd in plan.rounds_from(position):
+        if rnd.index >= last:
+            break
+        t0 = time.time()
+        events, kept, rejected = _wait_for_round(pump, ledger, rnd.index, rank)
+        waited = time.time() - t0
+        pairs = _gather_round(pump.pop(rnd.index))
+        num_pairs = records.num_rows(pairs) if pairs else 0
+        round_lag = version - int(pairs["policy_version"].min()) if num_pairs else 0
+        if round_lag > cfg.ray.max_policy_lag:
+            raise RuntimeError(f"round {rnd.index} was sampled {round_lag} versions behind (max {cfg.ray.max_policy_lag})")
+        max_lag = max(max_lag, round_lag)
+        lags.append(round_lag)
+        step_logs = []
+        transitions = 0
+        if num_pairs:
+            trans = expand_transitions(pairs)
+            transitions = records.num_rows({"prompt_id": trans["pair_id"]})
+            micro = plan_microbatches(
+                transitions, cfg.train.train_batch_size, seed=cfg.train.seed, epoch=rnd.epoch,
+                round_index=rnd.index, world_size=world, rank=rank,
+            )
+            engine.train()
+            partial: list[dict[str, float]] = []
+            for i, idx in enumerate(micro):
+                boundary = (len(partial) + 1 == cfg.train.grad_accum_steps) or i == len(micro) - 1
+                engine.set_gradient_accumulation_boundary(boundary)
+                weight = 1.0
+                if len(idx) == 0:  # this rank's share of the last micro-batch is empty
+                    idx, weight = torch.zeros(1, dtype=torch.long), 0.0
+                batch = take_rows(trans, idx)
+                loss, stats = microbatch_loss(
+                    model, engine, frozen_copy, batch, cfg.train, cfg.sampling, autocast_dtype=autocast
+                )
+                nonfinite = _dist_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0
+                if nonfinite:
+                    # Skipped by all ranks together: a zero loss keeps the hooks and counters aligned.
+                    loss = sum((p * 0.0).sum() for p in params)
+                    nonfinite_in_a_row += 1
+                else:
+                    nonfinite_in_a_row = 0
+                    loss = loss * weight
+                engine.backward(loss)
+                engine.step()
+                stats["loss"] = float(loss.detach()) if not nonfinite else float("nan")
+                stats["weight"] = weight
+                partial.append(stats)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{nonfinite_in_a_row} micro-steps in a row had a non-finite loss "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopping"
+                    )
+                if boundary:
+                    global_step += 1
+                    keys = ("loss", "ratio_win", "ratio_lose", "clip_frac", "accuracy", "score_win", "score_lose")
+                    w = sum(s["weight"] for s in partial)
+                    local = [sum(s[k] * s["weight"] for s in partial) for k in keys] + [w]
+                    total = _dist_sum(local)
+                    step_log = {k: total[j] / max(total[-1], 1e-12) for j, k in enumerate(keys)}
+                    grad_norm = engine.get_global_grad_norm()
+                    step_log.update(
+                        step=global_step, lr=lr_schedule.get_last_lr()[0] if lr_schedule else cfg.train.learning_rate,
+                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                        skipped=any(np.isnan(s["loss"]) for s in partial), round=rnd.index, epoch=rnd.epoch,
+                    )
+                    step_logs.append(step_log)
+                    partial = []
+                    if cfg.train.test_delay_s:
+                        time.sleep(cfg.train.test_delay_s)
+            engine.eval()
+        version += 1
+        weights = _published_weights(engine, cfg)
+        if rank == 0:
+            ray.get(store.publish.remote(version, weights))
+        accounting.add(
+            prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, trained=num_pairs,
+            transitions_trained=transitions, optimizer_steps=len(step_logs),
+            skipped_steps=sum(bool(s["skipped"]) for s in step_logs),
+        )
+        if rank == 0:
+            elapsed = time.time() - t0
+            with metrics_path.open("a") as f:
+                for s in step_logs:
+                    f.write(json.dumps({"kind": "step", "time": time.time(), **s}) + "\n")
+                f.write(json.dumps({
+                    "kind": "round", "time": time.time(), "round": rnd.index, "epoch": rnd.epoch, "policy_lag": round_lag,
+                    "kept_fraction": kept / max(events, 1), "pairs": num_pairs, "wait_seconds": waited,
+                    "pairs_per_s": num_pairs / max(elapsed, 1e-9),
+                    "loss": float(np.mean([s["loss"] for s in step_logs])) if step_logs else None,
+                }) + "\n")
+            loss_text = f"{np.mean([s['loss'] for s in step_logs]):.4f}" if step_logs else "-"
+            print(
+                f"[spo-ray] round {rnd.index + 1}/{last} | prompts {accounting.prompts} | pairs kept {accounting.kept} "
+                f"rejected {accounting.rejected} | optimizer steps {global_step} | loss {loss_text} | lag {round_lag} | "
+                f"pairs/s {accounting.trained / max(time.time() - started, 1e-9):.2f}",
+                flush=True,
+            )
+        if cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0:
+            _save_checkpoint(engine, cfg, rank, position=rnd.index + 1, version=version, step=global_step, accounting=accounting)
+
+    # Everything published; export the final policy from rank 0.
+    final_weights = _published_weights(engine, cfg)
+    if rank == 0:
+        final_dir = run_dir / "final"
+        if cfg.train.lora:
+            from spo_ray.export import lora_state_dict, save_lora
+
+            save_lora(lora_state_dict(engine.module), cfg.model.kind, final_dir)
+        else:
+            export_policy(engine.module, kind=cfg.model.kind, lora=False, directory=final_dir)
+        summary = {
+            "engine": "ray", "run_dir": str(run_dir), "final_dir": str(final_dir), "policy_version": version,
+            "trainer_accounting": accounting.to_dict(), "max_policy_lag_seen": max_lag, "lags": lags,
+            "world_size": world, "global_step": global_step, "seconds": time.time() - started,
+        }
+        (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
+    del final_weights
+    ray.train.report({"policy_version": version, "global_step": global_step})
+
+
+def _save_checkpoint(engine, cfg: SPOConfig, rank: int, *, position: int, version: int, step: int, accounting: Accounting) -> None:
+    from spo_ray.checkpointing import save_checkpoint
+
+    weights = _published_weights(engine, cfg)
+    if rank == 0:
+        save_checkpoint(
+            cfg.run_dir, position=position,
+            state={"policy_version": version, "global_step": step, "micro_step": 0, "accounting": accounting.to_dict(), "engine": "ray"},
+            weights={k: torch.from_numpy(v) for k, v in weights.items()}, keep=cfg.run.keep_checkpoints,
+        )
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
+    """Run SPO on the Ray cluster this process is connected to (or a local one)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    prompt_set = load_prompt_set(cfg)  # bad input fails here, before any cluster resource
+    prompts = prompt_set.prompts
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    names = actor_names(cfg)
+    for name in names.values():  # a previous attempt's coordinators (same run name) start over
+        try:
+            ray.kill(ray.get_actor(name))
+        except ValueError:
+            pass
+    plan = prompt_plan(cfg, len(prompts))
+    round_sizes = {r.index: len(r.prompt_ids) for r in plan.rounds()}
+    store = PolicyStore.options(name=names["store"]).remote(keep=cfg.ray.max_policy_lag + 1)
+    ledger = RoundLedger.options(name=names["ledger"]).remote(round_sizes)
+
+    def dataset_factory() -> ray.data.Dataset:
+        found = latest_checkpoint(run_dir)
+        position = json.loads((found / "state.json").read_text())["position"] if found else 0
+        return build_pair_stream(cfg, prompts, position)
+
+    trainer_res = cfg.ray.trainer
+    resources = {"CPU": trainer_res.num_cpus, **trainer_res.resources}
+    if trainer_res.num_gpus:
+        resources["GPU"] = trainer_res.num_gpus
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "prompts": prompts},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_trainers, use_gpu=bool(trainer_res.num_gpus), resources_per_worker=resources
+        ),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train")),
+        datasets={"pairs": dataset_factory},
+        dataset_config=RoundSplit(),
+    )
+    started = time.time()
+    trainer.fit()
+    totals = ray.get(ledger.totals.remote())
+    gate = ray.get(store.stats.remote())
+    trainer_summary = json.loads((run_dir / "trainer_summary.json").read_text())
+    t = trainer_summary["trainer_accounting"]
+    accounting = Accounting(
+        prompts=totals["prompts"], scoring_events=totals["scoring_events"], kept=totals["kept"],
+        rejected=totals["rejected"], trained=t["trained"], dropped_rank_balance=t["dropped_rank_balance"],
+        transitions_trained=t["transitions_trained"], optimizer_steps=t["optimizer_steps"], skipped_steps=t["skipped_steps"],
+    )
+    result = {
+        **trainer_summary,
+        "accounting": accounting.to_dict(),
+        "accounting_problems": accounting.problems() + (
+            [f"trainer trained {t['trained']} pairs but the ledger kept {totals['kept']}"]
+            if t["kept"] != totals["kept"] else []
+        ),
+        "redone_reports": totals["duplicate_reports"],
+        "kept_by_bucket": totals["by_bucket"],
+        "gate": gate,
+        "seconds": time.time() - started,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    print("accounting: " + accounting.summary(), flush=True)
+    for actor in (store, ledger):
+        ray.kill(actor)
+    return result

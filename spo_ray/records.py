@@ -1,0 +1,140 @@
+"""Data contracts: the two record kinds that flow between roles, and their Arrow schema.
+
+Trajectory records (sampler -> scorer), one row per prompt of a round:
+    prompt_id, prompt, epoch, round, policy_version,
+    seg_start [S], seg_len [S], seg_timesteps [S, M], score_t [S], choice [S],
+    x_t [S, C, H, W]            the shared state each segment branches from
+    chains [S, k, M, C, H, W]   each candidate's states after each of its transitions
+    x0_hat [S, k, C, H, W]      what the preference model scores
+    final [C, H, W], cond_prompt_embeds [L, D] (+ cond_pooled_embeds [P], cond_time_ids [6] for SDXL)
+Pair records (scorer -> trainer), one row per kept pair:
+    pair_id, prompt_id, prompt, epoch, round, policy_version, seg_start, seg_len,
+    timesteps [M], x_t [C, H, W], win [M, C, H, W], lose [M, C, H, W],
+    score_win, score_lose, score_t, cond_*
+Conditioning travels once per row (per prompt / per pair), never per candidate.
+
+In one process the batches are dicts of torch tensors (and a list of prompt strings); between
+Ray actors they are dicts of numpy arrays; at rest (tests, debugging dumps) an Arrow table
+with fixed-shape tensor columns, whose schema carries ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+SCHEMA_VERSION = 1
+STRING_COLUMNS = ("prompt",)
+TRAJECTORY_COLUMNS = (
+    "prompt_id", "prompt", "epoch", "round", "policy_version", "seg_start", "seg_len", "seg_timesteps",
+    "score_t", "choice", "x_t", "chains", "x0_hat", "final", "cond_prompt_embeds",
+)
+PAIR_COLUMNS = (
+    "pair_id", "prompt_id", "prompt", "epoch", "round", "policy_version", "seg_start", "seg_len", "timesteps",
+    "x_t", "win", "lose", "score_win", "score_lose", "score_t", "cond_prompt_embeds",
+)
+OPTIONAL_COLUMNS = ("cond_pooled_embeds", "cond_time_ids")
+
+
+def num_rows(batch: dict[str, Any]) -> int:
+    return len(batch["prompt_id"])
+
+
+def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Torch batch -> numpy batch (what Ray Data carries); bf16 becomes float32."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.detach().cpu()
+            out[key] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        elif key in STRING_COLUMNS:
+            out[key] = np.asarray(list(value), dtype=object)
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Numpy batch -> torch batch (string columns become lists)."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in STRING_COLUMNS:
+            out[key] = [str(v) for v in value]
+        else:
+            out[key] = torch.as_tensor(np.ascontiguousarray(value))
+    return out
+
+
+def concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate torch batches with the same columns (empty list -> empty dict)."""
+    if not batches:
+        return {}
+    out: dict[str, Any] = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        out[key] = torch.cat(values) if torch.is_tensor(values[0]) else [v for part in values for v in part]
+    return out
+
+
+def sort_rows(batch: dict[str, Any], key: str) -> dict[str, Any]:
+    """Rows ordered by ``key`` (arrival order across actors is not deterministic; ids are)."""
+    order = torch.argsort(batch[key], stable=True)
+    return {k: (v[order] if torch.is_tensor(v) else [v[i] for i in order.tolist()]) for k, v in batch.items()}
+
+
+def _arrow_type(array: np.ndarray) -> pa.DataType:
+    if array.dtype == object:
+        return pa.string()
+    scalar = pa.from_numpy_dtype(array.dtype)
+    return scalar if array.ndim == 1 else pa.fixed_shape_tensor(scalar, list(array.shape[1:]))
+
+
+def arrow_schema(batch: dict[str, Any], kind: str) -> pa.Schema:
+    """The Arrow schema of a record batch: tensor columns as fixed-shape tensors, versioned."""
+    arrays = to_numpy(batch)
+    fields = [pa.field(name, _arrow_type(arr)) for name, arr in arrays.items()]
+    return pa.schema(fields, metadata={"spo_ray.schema_version": str(SCHEMA_VERSION), "spo_ray.kind": kind})
+
+
+def validate_columns(batch: dict[str, Any], kind: str) -> None:
+    """Raise ValueError when a batch misses a column of its kind or rows disagree in count."""
+    wanted = TRAJECTORY_COLUMNS if kind == "trajectory" else PAIR_COLUMNS
+    missing = [c for c in wanted if c not in batch]
+    if missing:
+        raise ValueError(f"{kind} batch is missing column(s): {', '.join(missing)}")
+    counts = {key: len(value) for key, value in batch.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"{kind} batch columns have different row counts: {counts}")
+
+
+def to_arrow(batch: dict[str, Any], kind: str) -> pa.Table:
+    """A record batch as an Arrow table (fixed-shape tensor columns)."""
+    validate_columns(batch, kind)
+    schema = arrow_schema(batch, kind)
+    columns = []
+    for field, arr in zip(schema, to_numpy(batch).values(), strict=True):
+        if isinstance(field.type, pa.FixedShapeTensorType):
+            columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr)))
+        else:
+            columns.append(pa.array(arr.tolist() if arr.dtype == object else arr, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def from_arrow(table: pa.Table) -> dict[str, Any]:
+    """Inverse of :func:`to_arrow`; refuses a table written with another schema version."""
+    version = (table.schema.metadata or {}).get(b"spo_ray.schema_version", b"?").decode()
+    if version != str(SCHEMA_VERSION):
+        raise ValueError(f"record table has schema version {version}, this spo_ray reads {SCHEMA_VERSION}")
+    out: dict[str, Any] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            out[name] = column.to_numpy_ndarray()
+        elif pa.types.is_string(column.type):
+            out[name] = np.asarray(column.to_pylist(), dtype=object)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return to_torch(out)
