@@ -344,7 +344,9 @@ class _ShardPump:
 
     def _run(self, shard) -> None:
         try:
-            for batch in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            # prefetch_batches=0: with prefetching the iterator holds each block back until the next
+            # one arrives, which at lag 0 is never (the next round waits for this one).
+            for batch in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                 self.queue.put(batch)
         except BaseException as err:  # noqa: BLE001 - surfaced in the training loop
             self.queue.put(err)
@@ -382,6 +384,7 @@ def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_
     """Block until every prompt of the round is scored and all its kept pairs reached the ranks."""
     import torch.distributed as dist
 
+    last_note = time.monotonic()
     while True:
         pump.drain()
         status = torch.zeros(4, dtype=torch.float64)
@@ -396,6 +399,13 @@ def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_
             return events, kept, rejected
         if complete and arrived > kept:
             raise RuntimeError(f"round {round_index}: {arrived} pairs arrived but the ledger kept {kept}")
+        if rank == 0 and time.monotonic() - last_note > 30:
+            last_note = time.monotonic()
+            print(
+                f"[spo-ray] waiting for round {round_index}: all prompts scored={bool(complete)}, "
+                f"pairs arrived {int(arrived)} of {kept} kept so far",
+                flush=True,
+            )
         time.sleep(poll_s)
 
 

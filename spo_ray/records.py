@@ -64,7 +64,10 @@ def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
         if key in STRING_COLUMNS:
             out[key] = [str(v) for v in value]
         else:
-            out[key] = torch.as_tensor(np.ascontiguousarray(value))
+            value = np.ascontiguousarray(value)
+            if not value.flags.writeable:  # Ray hands out read-only zero-copy arrays
+                value = value.copy()
+            out[key] = torch.from_numpy(value)
     return out
 
 

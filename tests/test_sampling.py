@@ -1,0 +1,235 @@
+"""Candidate-pool sampling (DESIGN.md section 1): segments, the shared x_t of a pool, the
+continuation from a random candidate, the scored x0_hat, and randomness keyed by ids only.
+
+The expected values are recomputed independently: a fresh CFG forward of the tiny UNet and the
+DDIM formulas of ``diffusion.py`` with the noise drawn from ``rng`` under the documented keys.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spo_ray import rng
+from spo_ray.components import load_model
+from spo_ray.config import load_config
+from spo_ray.diffusion import ddim_mean_std, predict_x0
+from spo_ray.models import Conditioning
+from spo_ray.sampling import CandidatePoolSampler, Segment, plan_segments
+
+SEED = 42
+PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff"]
+IDS = [3, 7]
+
+
+# ----------------------------------------------------------------------------- plan_segments
+
+
+def test_plan_segments_sd15_preset() -> None:
+    s = load_config("sd15").sampling
+    segments = plan_segments(s.num_steps, s.divert_start_step, s.num_inner_steps)
+    assert segments == [Segment(start, 1) for start in range(4, 20)]
+    assert len(segments) == 16
+
+
+def test_plan_segments_sdxl_preset() -> None:
+    s = load_config("sdxl").sampling
+    segments = plan_segments(s.num_steps, s.divert_start_step, s.num_inner_steps)
+    assert [seg.start_step for seg in segments] == [4, 8, 12, 16]
+    assert [seg.num_transitions for seg in segments] == [4, 4, 4, 4]
+
+
+def test_plan_segments_short_last_segment() -> None:
+    segments = plan_segments(20, 5, 3)
+    assert [(seg.start_step, seg.num_transitions) for seg in segments] == [(5, 4), (9, 4), (13, 4), (17, 3)]
+    # every step from divert_start_step on belongs to exactly one segment
+    covered = [seg.start_step + n for seg in segments for n in range(seg.num_transitions)]
+    assert covered == list(range(5, 20))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    cfg = load_config("tiny-sd15")
+    return cfg, load_model(cfg, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    cfg = load_config("tiny-sdxl")
+    return cfg, load_model(cfg, torch.device("cpu"))
+
+
+def _eps(model, cfg, x: torch.Tensor, timestep: int, prompts: list[str]) -> torch.Tensor:
+    """A fresh CFG noise prediction for x (one row per prompt, or k rows per prompt, k-major)."""
+    cond = model.encode_prompts(prompts)
+    reps = x.shape[0] // len(prompts)
+    cond = Conditioning.cat([cond] * reps)
+    neg = model.negative_conditioning(x.shape[0])
+    with torch.no_grad():
+        return model.guided_noise_pred(model.unet, x, timestep, cond, neg, cfg.sampling.guidance_scale)
+
+
+def _keyed_noise(shape, epoch: int, ids: list[int], step: int, j: int) -> torch.Tensor:
+    return torch.stack([rng.randn(tuple(shape), "noise", SEED, epoch, pid, step, j) for pid in ids])
+
+
+def _check_transition(model, cfg, x_in, out, timestep, step, j, ids, epoch, prompts, atol=1e-5):
+    eps = _eps(model, cfg, x_in, timestep, prompts)
+    mean, std, _ = ddim_mean_std(model.scheduler, eps, timestep, x_in, eta=cfg.sampling.eta)
+    z = _keyed_noise(x_in.shape[1:], epoch, ids, step, j)
+    expected = mean + std * z
+    torch.testing.assert_close(out, expected, atol=atol, rtol=1e-4)
+    # the noise really matters: another candidate's noise would not fit
+    other = mean + std * _keyed_noise(x_in.shape[1:], epoch, ids, step, j + 1)
+    assert (out - other).abs().max() > 100 * atol
+
+
+# ----------------------------------------------------------------------------- SD1.5-shaped
+
+
+def test_record_shapes_sd15(sd15) -> None:
+    cfg, model = sd15
+    sampler = CandidatePoolSampler(model, cfg.sampling, SEED)
+    rec = sampler.sample(PROMPTS, IDS, epoch=0, round_index=5, policy_version=2)
+    B, S, k, M = 2, 16, 4, 1
+    C, H, W = model.latent_shape
+    assert rec["x_t"].shape == (B, S, C, H, W)
+    assert rec["chains"].shape == (B, S, k, M, C, H, W)
+    assert rec["x0_hat"].shape == (B, S, k, C, H, W)
+    assert rec["seg_timesteps"].shape == (B, S, M)
+    assert rec["score_t"].shape == (B, S)
+    assert rec["choice"].shape == (B, S)
+    assert rec["final"].shape == (B, C, H, W)
+    assert rec["seg_start"].tolist() == [list(range(4, 20))] * B
+    assert rec["seg_len"].tolist() == [[1] * S] * B
+    assert rec["prompt_id"].tolist() == IDS
+    assert rec["round"].tolist() == [5, 5] and rec["policy_version"].tolist() == [2, 2]
+    assert rec["cond_prompt_embeds"].shape[0] == B
+    assert ((rec["choice"] >= 0) & (rec["choice"] < k)).all()
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    assert timesteps[0] == 951 and timesteps[-1] == 1
+    assert rec["seg_timesteps"][0, :, 0].tolist() == timesteps[4:]
+    # pools are real pools: the k candidates differ
+    assert (rec["chains"][:, :, 0] - rec["chains"][:, :, 1]).abs().amax(dim=(-1, -2, -3, -4)).min() > 1e-3
+
+
+def test_pool_shares_x_t_and_one_noise_prediction_sd15(sd15) -> None:
+    cfg, model = sd15
+    sampler = CandidatePoolSampler(model, cfg.sampling, SEED)
+    epoch = 1
+    rec = sampler.sample(PROMPTS, IDS, epoch=epoch, round_index=0, policy_version=0)
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    for s in (0, 7, 15):
+        step = 4 + s
+        x_t = rec["x_t"][:, s]
+        for j in range(cfg.sampling.pool_size):
+            _check_transition(
+                model, cfg, x_t, rec["chains"][:, s, j, 0], timesteps[step], step, j, IDS, epoch, PROMPTS
+            )
+
+
+def test_continuation_and_scored_x0_sd15(sd15) -> None:
+    cfg, model = sd15
+    sampler = CandidatePoolSampler(model, cfg.sampling, SEED)
+    rec = sampler.sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    chains, choice, x_t, x0_hat = rec["chains"], rec["choice"], rec["x_t"], rec["x0_hat"]
+    B, S, k = chains.shape[:3]
+    for b in range(B):
+        for s in range(S - 1):
+            chosen_end = chains[b, s, choice[b, s], 0]
+            assert torch.equal(x_t[b, s + 1], chosen_end)
+        assert torch.equal(rec["final"][b], chains[b, S - 1, choice[b, S - 1], 0])
+    # the choice is uniform over candidates, not always the same index
+    assert len(set(choice.flatten().tolist())) > 1
+    # last segment: the finished image, scored at t = 0
+    assert rec["score_t"][:, S - 1].tolist() == [0] * B
+    assert torch.equal(x0_hat[:, S - 1], chains[:, S - 1, :, 0])
+    # other segments: scored at the next timestep, x0_hat = predict_x0 of the end state there
+    assert rec["score_t"][0, : S - 1].tolist() == timesteps[5:]
+    for s in (0, 9, S - 2):
+        t_next = timesteps[4 + s + 1]
+        ends = chains[:, s].transpose(0, 1).reshape(k * B, *chains.shape[-3:])  # k-major rows
+        eps = _eps(model, cfg, ends, t_next, PROMPTS)
+        expected = predict_x0(model.scheduler, eps, t_next, ends).view(k, B, *ends.shape[1:]).transpose(0, 1)
+        torch.testing.assert_close(x0_hat[:, s], expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(x0_hat[:, s], chains[:, s, :, 0], atol=1e-2)
+
+
+def test_randomness_is_a_function_of_ids(sd15) -> None:
+    cfg, model = sd15
+    sampler = CandidatePoolSampler(model, cfg.sampling, SEED)
+    both = sampler.sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    alone = sampler.sample(PROMPTS[1:], IDS[1:], epoch=0, round_index=3, policy_version=1)
+    for key in ("x_t", "chains", "x0_hat", "final"):
+        torch.testing.assert_close(both[key][1], alone[key][0], atol=1e-4, rtol=1e-4, msg=key)
+    assert torch.equal(both["choice"][1], alone["choice"][0])
+
+    again = sampler.sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    for key in ("x_t", "chains", "x0_hat", "final", "choice"):
+        assert torch.equal(both[key], again[key]), key
+
+    other_epoch = sampler.sample(PROMPTS, IDS, epoch=1, round_index=0, policy_version=0)
+    assert (other_epoch["final"] - both["final"]).abs().max() > 1e-2
+    assert (other_epoch["x_t"][:, 0] - both["x_t"][:, 0]).abs().max() > 1e-2
+
+    # the same prompt text under another id is another trajectory
+    swapped = sampler.sample(PROMPTS[1:], [8], epoch=0, round_index=0, policy_version=0)
+    assert (swapped["final"][0] - alone["final"][0]).abs().max() > 1e-2
+
+
+def test_short_last_segment(sd15) -> None:
+    cfg = load_config("tiny-sd15", overrides=["sampling.divert_start_step=5", "sampling.num_inner_steps=3",
+                                              "sampling.pool_size=2"])
+    _, model = sd15
+    sampler = CandidatePoolSampler(model, cfg.sampling, SEED)
+    rec = sampler.sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    assert rec["chains"].shape[1:4] == (4, 2, 4)
+    assert rec["seg_len"][0].tolist() == [4, 4, 4, 3]
+    assert rec["seg_start"][0].tolist() == [5, 9, 13, 17]
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    assert rec["seg_timesteps"][0, 3].tolist() == timesteps[17:20] + [0]
+    # the unused slot stays empty; the finished image is the 3rd transition's output
+    assert torch.count_nonzero(rec["chains"][:, 3, :, 3]) == 0
+    assert torch.equal(rec["x0_hat"][:, 3], rec["chains"][:, 3, :, 2])
+    assert rec["score_t"][0].tolist() == [timesteps[9], timesteps[13], timesteps[17], 0]
+    b_choice = rec["choice"][:, 3]
+    for b in range(2):
+        assert torch.equal(rec["final"][b], rec["chains"][b, 3, b_choice[b], 2])
+
+
+# ----------------------------------------------------------------------------- SDXL-shaped
+
+
+def test_sdxl_chains_follow_ddim_steps(sdxl) -> None:
+    cfg, model = sdxl
+    sampler = CandidatePoolSampler(model, cfg.sampling, SEED)
+    epoch = 0
+    rec = sampler.sample(PROMPTS, IDS, epoch=epoch, round_index=0, policy_version=0)
+    B, S, k, M = 2, 4, 2, 4
+    assert rec["chains"].shape[:4] == (B, S, k, M)
+    assert rec["seg_len"][0].tolist() == [4, 4, 4, 4]
+    assert rec["cond_pooled_embeds"].shape[0] == B and rec["cond_time_ids"].shape == (B, 6)
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    assert rec["seg_timesteps"][0, 1].tolist() == timesteps[8:12]
+    chains = rec["chains"]
+
+    # first transition of a segment: from the shared x_t
+    for j in range(k):
+        _check_transition(model, cfg, rec["x_t"][:, 1], chains[:, 1, j, 0], timesteps[8], 8, j, IDS, epoch, PROMPTS)
+    # inner transitions: from the previous state of the same candidate's chain
+    for s, n in ((1, 2), (2, 1), (3, 3)):
+        step = 4 + 4 * s + n
+        for j in range(k):
+            _check_transition(
+                model, cfg, chains[:, s, j, n - 1], chains[:, s, j, n], timesteps[step], step, j, IDS, epoch, PROMPTS
+            )
+    # continuation from the chosen chain's END state, scored at the next segment's timestep
+    for b in range(B):
+        for s in range(S - 1):
+            assert torch.equal(rec["x_t"][b, s + 1], chains[b, s, rec["choice"][b, s], M - 1])
+    assert rec["score_t"][0].tolist() == [timesteps[8], timesteps[12], timesteps[16], 0]
+    assert torch.equal(rec["x0_hat"][:, S - 1], chains[:, S - 1, :, M - 1])
