@@ -48,9 +48,9 @@ from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.training import (
     NonFiniteError,
     add_lora,
-    expand_transitions,
     microbatch_loss,
     plan_microbatches,
+    round_transitions,
     take_rows,
     trainable_parameters,
     warmup_lambda,
@@ -417,7 +417,7 @@ def _gather_round(local: list[dict[str, Any]]) -> dict[str, Any]:
         parts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         mine = records.concat([p for p in parts if p])
-    return records.sort_rows(mine, "pair_id") if mine else mine
+    return mine
 
 
 def _published_weights(engine, cfg: SPOConfig) -> dict[str, np.ndarray] | None:
@@ -516,8 +516,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_logs = []
         transitions = 0
         if num_pairs:
-            trans = expand_transitions(pairs)
-            transitions = records.num_rows({"prompt_id": trans["pair_id"]})
+            trans = round_transitions(pairs)
+            transitions = int(pairs["seg_len"].sum())
             micro = plan_microbatches(
                 transitions, cfg.train.train_batch_size, seed=cfg.train.seed, epoch=rnd.epoch,
                 round_index=rnd.index, world_size=world, rank=rank,
@@ -587,6 +587,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f.write(json.dumps({
                     "kind": "round", "time": time.time(), "round": rnd.index, "epoch": rnd.epoch, "policy_lag": round_lag,
                     "kept_fraction": kept / max(events, 1), "pairs": num_pairs, "wait_seconds": waited,
+                    "pair_ids": sorted(pairs["pair_id"].tolist()) if num_pairs else [],
                     "pairs_per_s": num_pairs / max(elapsed, 1e-9),
                     "loss": float(np.mean([s["loss"] for s in step_logs])) if step_logs else None,
                 }) + "\n")

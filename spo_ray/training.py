@@ -118,6 +118,17 @@ def expand_transitions(pairs: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def round_transitions(pairs: dict[str, object]) -> dict[str, object]:
+    """A round's transitions in canonical order: pairs sorted by pair id, then expanded.
+
+    Pairs arrive in an order that depends on the engine (and, on Ray, on actor timing); the
+    micro-batch shuffle is applied to this canonical order so both engines train identically.
+    """
+    from spo_ray.records import sort_rows
+
+    return expand_transitions(sort_rows(pairs, "pair_id"))
+
+
 def take_rows(batch: dict[str, object], idx: torch.Tensor) -> dict[str, object]:
     return {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()]) for k, v in batch.items()}
 
@@ -304,7 +315,7 @@ class LocalTrainer:
         """
         if num_rows(pairs) == 0:
             return []
-        transitions = expand_transitions(pairs)
+        transitions = round_transitions(pairs)
         micro = plan_microbatches(
             num_rows(transitions), self.cfg.train_batch_size, seed=self.cfg.seed, epoch=epoch, round_index=round_index
         )
