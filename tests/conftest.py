@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,25 +26,54 @@ def _env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", **JOB_ENV}
 
 
+def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # answered (e.g. 401 without the token): it is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard at {address} did not come up in {timeout:.0f} s")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Start `ray start --head` on 127.0.0.1 for the session; yield the job API address."""
+    """A real `ray start --head` on 127.0.0.1 for the session; yields the job API address.
+
+    It runs with --block in its own process group and its own temp dir, so stopping it kills
+    exactly this cluster (`ray stop` would kill every Ray process on the machine).
+    """
     env = _env()
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
-    subprocess.run(
+    temp_dir = Path(os.environ.get("SPO_TEST_RAY_TMP", "/tmp/ray-spo-tests"))
+    proc = subprocess.Popen(
         [
-            "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+            "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(DASHBOARD_PORT), "--port", str(GCS_PORT), "--num-cpus", "8",
-            "--disable-usage-stats",
+            "--disable-usage-stats", "--temp-dir", str(temp_dir),
         ],
-        env=env, check=True, capture_output=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     try:
+        _wait_for_dashboard(address, proc)
         yield address
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
 
 
 def submit_job(address: str, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
