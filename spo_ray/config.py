@@ -108,6 +108,7 @@ class RayConfig:
     scorer: RoleResources = field(default_factory=RoleResources)
     trainer: RoleResources = field(default_factory=RoleResources)
     torch_threads_per_actor: int | None = None
+    max_failures: int = 3  # trainer worker-group restarts (from the latest checkpoint) before the run fails
 
 
 @dataclass
@@ -116,8 +117,10 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None = MLFLOW_TRACKING_URI, else sqlite in the run directory
     experiment: str = "spo-ray"
     log_pair_images_every: int = 0  # rounds; 0 = never
-    validation_prompts: list[str] = field(default_factory=list)
-    register_model: str | None = None
+    validation_prompts: list[str] = field(default_factory=list)  # empty = the first 4 prompts of the set
+    register_model: str | None = None  # a registered model name: the final LoRA becomes a new version
+    log_checkpoints: bool = True  # upload each checkpoint directory as run artifacts
+    system_metrics: bool = True  # MLflow's system/* metrics (CPU, memory, disk, network, GPU)
 
 
 @dataclass
@@ -329,6 +332,7 @@ def validate_config(cfg: SPOConfig) -> None:
          "ray.num_samplers, ray.num_scorers and ray.num_trainers must be >= 1"),
         (r.max_policy_lag >= 0, f"ray.max_policy_lag must be >= 0, got {r.max_policy_lag}"),
         (r.zero_stage in (0, 1, 2, 3), f"ray.zero_stage must be 0, 1, 2 or 3, got {r.zero_stage}"),
+        (r.max_failures >= 0, f"ray.max_failures must be >= 0, got {r.max_failures}"),
         (cfg.run.checkpoint_every_rounds >= 0, f"run.checkpoint_every_rounds must be >= 0, got {cfg.run.checkpoint_every_rounds}"),
         (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
         (cfg.run.max_rounds is None or cfg.run.max_rounds >= 1, f"run.max_rounds must be >= 1 or null, got {cfg.run.max_rounds}"),

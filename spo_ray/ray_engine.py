@@ -112,8 +112,9 @@ class RoundLedger:
     """Counts every scored prompt once, keyed by (round, prompt id): redone work is not counted
     twice, and a round is complete exactly when each of its prompts has been scored."""
 
-    def __init__(self, round_sizes: dict[int, int]):
+    def __init__(self, round_sizes: dict[int, int], baseline: dict[str, int] | None = None):
         self.round_sizes = round_sizes
+        self.baseline = baseline or {}  # counts of the rounds before a resumed run's checkpoint
         self.scored: dict[int, dict[int, tuple[int, int, int]]] = {}
         self.duplicates = 0
         self.by_bucket: dict[str, list[int]] = {}
@@ -139,11 +140,12 @@ class RoundLedger:
 
     def totals(self) -> dict[str, Any]:
         rows = [v for seen in self.scored.values() for v in seen.values()]
+        base = self.baseline
         return {
-            "prompts": len(rows),
-            "scoring_events": sum(r[0] for r in rows),
-            "kept": sum(r[1] for r in rows),
-            "rejected": sum(r[2] for r in rows),
+            "prompts": base.get("prompts", 0) + len(rows),
+            "scoring_events": base.get("scoring_events", 0) + sum(r[0] for r in rows),
+            "kept": base.get("kept", 0) + sum(r[1] for r in rows),
+            "rejected": base.get("rejected", 0) + sum(r[2] for r in rows),
             "duplicate_reports": self.duplicates,
             "by_bucket": self.by_bucket,
         }
@@ -474,7 +476,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed is not None:
         from spo_ray.checkpointing import load_checkpoint
 
-        state, weights, _ = load_checkpoint(resumed)
+        state, weights, optimizer_state = load_checkpoint(resumed)
         load_trainable_weights(model.unet, weights, source=str(resumed))
         position, version = state["position"], state["policy_version"]
         accounting = Accounting(**state["accounting"])
@@ -488,6 +490,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model.unet, optimizer=optimizer, lr_scheduler=lr_schedule, config=deepspeed_config(cfg, device)
     )
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision != "fp32" else None
+    global_step = 0
+    if resumed is not None:
+        global_step = state["global_step"]
+        if optimizer_state is not None and "adam" in optimizer_state:
+            _restore_optimizer_state(engine, optimizer_state["adam"], global_step)
+            lr_schedule.load_state_dict(optimizer_state["lr_schedule"])
 
     # Publish the starting policy (the store rolls back to it on a restart).
     weights = _published_weights(engine, cfg)
@@ -498,7 +506,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = prompt_plan(cfg, len(prompts))
     last = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
     metrics_path = run_dir / "metrics.jsonl"
-    global_step, nonfinite_in_a_row, max_lag, lags = 0, 0, 0, []
+    nonfinite_in_a_row, max_lag, lags = 0, 0, []
     started = time.time()
     for rnd in plan.rounds_from(position):
         if rnd.index >= last:
@@ -599,7 +607,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 flush=True,
             )
         if cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0:
-            _save_checkpoint(engine, cfg, rank, position=rnd.index + 1, version=version, step=global_step, accounting=accounting)
+            _save_checkpoint(
+                engine, lr_schedule, cfg, rank, position=rnd.index + 1, version=version, step=global_step,
+                accounting=accounting,
+            )
 
     # Everything published; export the final policy from rank 0.
     final_weights = _published_weights(engine, cfg)
@@ -621,15 +632,73 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.train.report({"policy_version": version, "global_step": global_step})
 
 
-def _save_checkpoint(engine, cfg: SPOConfig, rank: int, *, position: int, version: int, step: int, accounting: Accounting) -> None:
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _named_trainables(engine) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def _optimizer_state(engine) -> dict[str, torch.Tensor]:
+    """Adam moments per trainable parameter name, whole (not partitioned): a checkpoint that
+    resumes with any number of trainer workers. Collective under ZeRO: every rank calls it."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    out = {}
+    for name, param in _named_trainables(engine).items():
+        for key in ADAM_STATE_KEYS:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is None:  # ZeRO stage 0: the torch optimizer holds per-parameter state
+                value = engine.optimizer.state.get(param, {}).get(key)
+            if value is not None:
+                out[f"{name}.{key}"] = value.detach().float().cpu().reshape(param.shape)
+    return out
+
+
+def _restore_optimizer_state(engine, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Inverse of :func:`_optimizer_state` (every rank calls it), and Adam's step counters."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    # torch's Adam creates its state at the first step, and ZeRO links each parameter to its
+    # fragment of that state only then: create it now (zeros) and link, so it can be filled.
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            if not inner.state[flat]:
+                inner.state[flat].update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+                )
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+    for name, param in _named_trainables(engine).items():
+        for key in ADAM_STATE_KEYS:
+            value = tensors.get(f"{name}.{key}")
+            if value is None:
+                continue
+            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+                safe_set_full_optimizer_state(param, value.to(param.device), key)
+            else:
+                engine.optimizer.state.setdefault(param, {})[key] = value.to(param.device).clone()
+    for state in inner.state.values():
+        state["step"] = torch.tensor(float(step))
+
+
+def _save_checkpoint(
+    engine, lr_schedule, cfg: SPOConfig, rank: int, *, position: int, version: int, step: int, accounting: Accounting
+) -> None:
     from spo_ray.checkpointing import save_checkpoint
 
     weights = _published_weights(engine, cfg)
+    adam = _optimizer_state(engine)
     if rank == 0:
         save_checkpoint(
             cfg.run_dir, position=position,
-            state={"policy_version": version, "global_step": step, "micro_step": 0, "accounting": accounting.to_dict(), "engine": "ray"},
-            weights={k: torch.from_numpy(v) for k, v in weights.items()}, keep=cfg.run.keep_checkpoints,
+            state={"policy_version": version, "global_step": step, "micro_step": 0, "accounting": accounting.to_dict(),
+                   "engine": "ray"},
+            weights={k: torch.from_numpy(v) for k, v in weights.items()},
+            optimizer={"adam": adam, "lr_schedule": lr_schedule.state_dict()},
+            keep=cfg.run.keep_checkpoints,
         )
 
 
@@ -638,7 +707,7 @@ def _save_checkpoint(engine, cfg: SPOConfig, rank: int, *, position: int, versio
 
 def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     """Run SPO on the Ray cluster this process is connected to (or a local one)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     prompt_set = load_prompt_set(cfg)  # bad input fails here, before any cluster resource
@@ -658,8 +727,12 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
             pass
     plan = prompt_plan(cfg, len(prompts))
     round_sizes = {r.index: len(r.prompt_ids) for r in plan.rounds()}
+    resumed = latest_checkpoint(run_dir)
+    baseline = json.loads((resumed / "state.json").read_text())["accounting"] if resumed else None
+    if resumed:
+        print(f"[spo-ray] resuming {cfg.run.name} from {resumed}", flush=True)
     store = PolicyStore.options(name=names["store"]).remote(keep=cfg.ray.max_policy_lag + 1)
-    ledger = RoundLedger.options(name=names["ledger"]).remote(round_sizes)
+    ledger = RoundLedger.options(name=names["ledger"]).remote(round_sizes, baseline)
 
     def dataset_factory() -> ray.data.Dataset:
         found = latest_checkpoint(run_dir)
@@ -676,7 +749,13 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_trainers, use_gpu=bool(trainer_res.num_gpus), resources_per_worker=resources
         ),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train")),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(run_dir / "ray_train"),
+            # A dead trainer worker: the group restarts, resumes from the latest checkpoint, and
+            # the stream is rebuilt from that checkpoint's prompt position (dataset_factory).
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
         datasets={"pairs": dataset_factory},
         dataset_config=RoundSplit(),
     )

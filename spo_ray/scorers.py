@@ -70,15 +70,19 @@ def _check_inputs(images: torch.Tensor, prompts: Sequence[str], timesteps: Any) 
 
 
 class _ClipFamilyScorer:
-    """Shared machinery of CLIP-based scorers: tokenizer, per-prompt text cache, preprocessing, batching."""
+    """Shared machinery of CLIP-based scorers: tokenizer, per-prompt text cache, preprocessing, batching.
+
+    Subclasses load their model in :meth:`_load_model`; everything else about construction is shared.
+    """
 
     def __init__(
         self,
         clip_dir: str | os.PathLike,
-        *,
+        checkpoint: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
         max_batch: int = 64,
+        *,
         processor_dir: str | os.PathLike | None = None,
     ) -> None:
         if max_batch < 1:
@@ -93,8 +97,13 @@ class _ClipFamilyScorer:
         self.tokenizer = load_clip_processor(self.processor_dir)
         self.image_mean, self.image_std = load_image_normalization(self.processor_dir)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.model = self._load_model(checkpoint).requires_grad_(False).eval()
 
     # subclasses implement these
+    def _load_model(self, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
+        """The scoring model from ``self.clip_dir`` (+ optional ``checkpoint``) on ``self.device`` / ``self.dtype``."""
+        raise NotImplementedError
+
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -150,23 +159,12 @@ class _ClipFamilyScorer:
 class StepAwareScorer(_ClipFamilyScorer):
     """The SPM as a scorer: candidates at step t are judged by the SPM conditioned on t."""
 
-    def __init__(
-        self,
-        clip_dir: str | os.PathLike,
-        checkpoint: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str = torch.float32,
-        max_batch: int = 64,
-        *,
-        processor_dir: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__(
-            clip_dir, device=device, dtype=dtype, max_batch=max_batch, processor_dir=processor_dir
-        )
-        self.model = StepAwarePreferenceModel.from_pretrained(
+    model: StepAwarePreferenceModel
+
+    def _load_model(self, checkpoint: str | os.PathLike | None) -> StepAwarePreferenceModel:
+        return StepAwarePreferenceModel.from_pretrained(
             self.clip_dir, checkpoint, dtype=self.dtype, device=self.device
         )
-        self.model.requires_grad_(False).eval()
 
     def _max_text_len(self) -> int:
         return int(self.model.model.config.text_config.max_position_embeddings)
@@ -187,28 +185,16 @@ class ClipScorer(_ClipFamilyScorer):
     ``model.`` prefix is stripped); it is loaded strictly, so an SPM checkpoint is rejected, not half-loaded.
     """
 
-    def __init__(
-        self,
-        clip_dir: str | os.PathLike,
-        checkpoint: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str = torch.float32,
-        max_batch: int = 64,
-        *,
-        processor_dir: str | os.PathLike | None = None,
-    ) -> None:
+    def _load_model(self, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
         from transformers import CLIPModel
 
-        super().__init__(
-            clip_dir, device=device, dtype=dtype, max_batch=max_batch, processor_dir=processor_dir
-        )
         model = CLIPModel.from_pretrained(str(self.clip_dir), local_files_only=True).to(torch.float32)
         if checkpoint is not None:
             sd = read_state_dict(checkpoint)
             if sd and all(k.startswith("model.") for k in sd):
                 sd = {k.removeprefix("model."): v for k, v in sd.items()}
             load_state_dict_strict(model, sd, source=str(checkpoint))
-        self.model = model.to(device=self.device, dtype=self.dtype).requires_grad_(False).eval()
+        return model.to(device=self.device, dtype=self.dtype)
 
     def _max_text_len(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)

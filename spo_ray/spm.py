@@ -13,8 +13,9 @@ each vision encoder layer) and the time-conditioned vision forward is written he
 embeddings / LayerNorms / attention / MLP. That keeps every CLIP key 1:1 under ``model.`` and makes a freshly
 initialised SPM numerically identical to the plain CLIP.
 
-Everything works from local files only: there is no model hub here. ``build_tiny_clip`` makes a tiny random
-CLIP + offline tokenizer for tests and CPU runs, saved with ``save_pretrained`` so the real loading path runs.
+Everything works from local files only: there is no model hub here. ``clip_dir="tiny"`` resolves to a tiny random
+CLIP + offline tokenizer for tests and CPU runs (:func:`spo_ray.tiny.ensure_tiny_clip`), saved with
+``save_pretrained`` so the real loading path runs.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tiny import ensure_tiny_clip
 
 __all__ = [
     "CLIP_MEAN",
@@ -38,9 +39,6 @@ __all__ = [
     "CheckpointLoadError",
     "StepAwarePreferenceModel",
     "TimestepEmbedder",
-    "build_tiny_clip",
-    "build_tiny_clip_tokenizer",
-    "ensure_tiny_clip",
     "load_clip_processor",
     "load_image_normalization",
     "load_state_dict_strict",
@@ -49,16 +47,11 @@ __all__ = [
     "resolve_clip_dir",
     "resolve_dtype",
     "timestep_embedding",
-    "write_tiny_clip_tokenizer",
 ]
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to ``t_embedder.mlp.0``
-TINY_CLIP_NAME = "tiny-clip"
-# Bump when build_tiny_clip changes, so a stale cached tiny CLIP is rebuilt instead of silently reused.
-TINY_CLIP_VERSION = "1"
-_TINY_MARKER = "SPO_RAY_TINY_CLIP_VERSION"
 
 
 class CheckpointLoadError(RuntimeError):
@@ -240,10 +233,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     return dt
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("SPO_RAY_CACHE") or Path.home() / ".cache" / "spo_ray")
 
 
 def resolve_clip_dir(clip_dir: str | os.PathLike) -> Path:
@@ -482,153 +471,3 @@ class StepAwarePreferenceModel(nn.Module):
     ) -> torch.Tensor:
         """Scores ``[N]`` for (image, t, tokenised prompt) triples; the training entry point."""
         return self.score(pixel_values, timesteps, self.text_embeds(input_ids, attention_mask))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tiny offline CLIP for tests / CPU runs
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet: 256 printable unicode chars, one per byte."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
-# A few merges so the BPE actually merges (exercises the real tokenizer path); results must be in the vocab.
-_TINY_MERGES: tuple[tuple[str, str], ...] = (
-    ("t", "h"),
-    ("th", "e</w>"),
-    ("a", "n"),
-    ("an", "d</w>"),
-    ("o", "f</w>"),
-    ("i", "n"),
-)
-
-
-def write_tiny_clip_tokenizer(save_dir: str | os.PathLike, model_max_length: int = 77) -> Path:
-    """Write an offline CLIP byte-level BPE tokenizer to ``save_dir`` and return the directory.
-
-    Vocab: the 256 byte chars, their ``</w>`` forms, a few merges, then ``<|startoftext|>`` / ``<|endoftext|>``
-    (pad = eos, as in CLIP). Saved as vocab.json + merges.txt and re-saved via ``save_pretrained`` (transformers
-    5 ignores ``CLIPTokenizer(vocab_file=...)``; loading from a directory is the path real checkpoints take).
-    Reusable for tiny SD text encoders: the vocab size is ``len(build_tiny_clip_tokenizer(dir))``.
-    """
-    from transformers import CLIPTokenizer
-
-    out = Path(save_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in _TINY_MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_MERGES))
-    tok = CLIPTokenizer.from_pretrained(str(out), model_max_length=model_max_length, local_files_only=True)
-    tok.save_pretrained(str(out))
-    return out
-
-
-def build_tiny_clip_tokenizer(save_dir: str | os.PathLike, model_max_length: int = 77):
-    """:func:`write_tiny_clip_tokenizer`, then load it back (from the directory) and return the tokenizer."""
-    from transformers import CLIPTokenizer
-
-    path = write_tiny_clip_tokenizer(save_dir, model_max_length=model_max_length)
-    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def build_tiny_clip(save_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Save a tiny random CLIP (ViT 32-wide, 2 layers, patch 32 @ 224) + tokenizer + preprocessor config.
-
-    ``logit_scale`` starts at ln(100) like PickScore, so scores are on the SPM's ~100 x cosine scale.
-    Deterministic in ``seed`` without touching the caller's global RNG.
-    """
-    from transformers import CLIPConfig, CLIPModel
-
-    out = Path(save_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_clip_tokenizer(out, model_max_length=77)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 224,
-            "patch_size": 32,
-        },
-        projection_dim=16,
-        logit_scale_init_value=math.log(100.0),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    model.save_pretrained(str(out))
-    try:
-        from transformers import CLIPImageProcessorPil as _Proc  # no torchvision needed
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor as _Proc
-    _Proc(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(str(out))
-    return out
-
-
-def _tiny_is_current(path: Path) -> bool:
-    marker = path / _TINY_MARKER
-    return (
-        (path / "config.json").is_file()
-        and marker.is_file()
-        and marker.read_text().strip() == TINY_CLIP_VERSION
-    )
-
-
-def ensure_tiny_clip(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The tiny CLIP under ``$SPO_RAY_CACHE`` (default ``~/.cache/spo_ray``)/``tiny-clip``, built once.
-
-    Built in a temp dir and renamed into place, so concurrent processes (Ray actors) never see a half-written
-    model; a stale build (older ``TINY_CLIP_VERSION``) is replaced.
-    """
-    root = Path(cache_dir) if cache_dir is not None else _cache_root()
-    target = root / TINY_CLIP_NAME
-    if _tiny_is_current(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_NAME}-", dir=root))
-    try:
-        build_tiny_clip(tmp)
-        (tmp / _TINY_MARKER).write_text(TINY_CLIP_VERSION)
-        if target.exists() and not _tiny_is_current(target):
-            stale = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_NAME}-stale-", dir=root))
-            try:
-                os.replace(target, stale / "old")
-            except OSError:
-                pass  # someone else moved it already
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _tiny_is_current(target):  # lost a race to a build that is not usable: surface it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -1,4 +1,4 @@
-"""Tiny SD1.5- and SDXL-shaped pipelines with random weights (DESIGN.md section 3).
+"""Tiny random models for tests and CPU runs: SD1.5-/SDXL-shaped pipelines and a CLIP (DESIGN.md section 3).
 
 No model hub is reachable in tests, so the real loading code is exercised on pipelines built
 from config and written with ``save_pretrained`` in the diffusers layout (``model_index.json``
@@ -6,14 +6,19 @@ plus one subfolder per component). They load through exactly the path a real che
 The scheduler config carries the SD settings SPO relies on (``clip_sample=False``,
 ``set_alpha_to_one=False``, ``steps_offset=1``, "leading" spacing), so 20 DDIM steps give
 t = 951, 901, ..., 1 as with the real models.
+
+The tiny CLIP (:func:`build_tiny_clip`, for the preference-model scorers) shares the byte-level
+BPE tokenizer of the pipelines' text encoders, and both caches go through :func:`build_cached`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +28,10 @@ KINDS = ("sd15", "sdxl")
 # Bump when the tiny configs change, so stale cached copies are rebuilt.
 TINY_VERSION = "2"
 _STAMP = "spo_ray_tiny.json"
+TINY_CLIP_NAME = "tiny-clip"
+# Bump when build_tiny_clip changes, so a stale cached tiny CLIP is rebuilt instead of silently reused.
+TINY_CLIP_VERSION = "2"
+_TINY_CLIP_MARKER = "SPO_RAY_TINY_CLIP_VERSION"
 
 TEXT_HIDDEN = 32
 TEXT_LAYERS = 2
@@ -86,12 +95,15 @@ def write_clip_tokenizer_files(
     return save_dir
 
 
-def _load_tokenizer(tmp: Path, name: str, pad_token: str):
+def build_clip_tokenizer(
+    save_dir: str | Path, *, model_max_length: int = MAX_LENGTH, pad_token: str = "<|endoftext|>"
+):
+    """:func:`write_clip_tokenizer_files`, then load the tokenizer back from the directory and return it."""
     from transformers import CLIPTokenizer
 
-    path = write_clip_tokenizer_files(tmp / name, pad_token=pad_token)
+    path = write_clip_tokenizer_files(save_dir, model_max_length=model_max_length, pad_token=pad_token)
     tokenizer = CLIPTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token != pad_token or tokenizer.model_max_length != MAX_LENGTH:
+    if tokenizer.pad_token != pad_token or tokenizer.model_max_length != model_max_length:
         raise RuntimeError(f"tiny tokenizer did not load as written: {tokenizer!r}")
     return tokenizer
 
@@ -198,7 +210,7 @@ def build_tiny_pipeline(kind: str, save_dir: str | Path, *, seed: int = 0) -> Pa
     save_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="spo_ray_tok_") as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = _load_tokenizer(Path(tmp), "tokenizer", "<|endoftext|>")
+        tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer")
         text_encoder = _text_encoder(tokenizer, projection=False, hidden_act="quick_gelu")
         unet, vae, scheduler = _unet(kind), _vae(kind), _scheduler()
         if kind == "sd15":
@@ -214,7 +226,7 @@ def build_tiny_pipeline(kind: str, save_dir: str | Path, *, seed: int = 0) -> Pa
             )
         else:
             # The real SDXL tokenizer_2 pads with "!"; keep that quirk.
-            tokenizer_2 = _load_tokenizer(Path(tmp), "tokenizer_2", "!")
+            tokenizer_2 = build_clip_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!")
             text_encoder_2 = _text_encoder(tokenizer_2, projection=True, hidden_act="gelu")
             pipe = StableDiffusionXLPipeline(
                 vae=vae,
@@ -248,28 +260,28 @@ def _is_complete(path: Path, kind: str) -> bool:
 
 
 def tiny_cache_dir() -> Path:
-    """Where tiny pipelines are cached: ``$SPO_RAY_CACHE`` or ``~/.cache/spo_ray``."""
+    """Where tiny pipelines and the tiny CLIP are cached: ``$SPO_RAY_CACHE`` or ``~/.cache/spo_ray``."""
     return Path(os.environ.get("SPO_RAY_CACHE") or Path.home() / ".cache" / "spo_ray")
 
 
-def ensure_tiny_pipeline(kind: str) -> Path:
-    """Path of the cached tiny ``kind`` pipeline, building it once if needed.
+def build_cached(target: Path, build: Callable[[Path], object], is_current: Callable[[Path], bool]) -> Path:
+    """Return ``target`` if ``is_current(target)``; otherwise ``build`` a fresh copy there and return it.
 
-    Built in a temporary sibling directory and renamed into place, so concurrent processes
-    (Ray actors, pytest workers) never see a half-written pipeline.
+    ``build(tmp)`` fills an empty temporary sibling directory, which is then renamed into place, so
+    concurrent processes (Ray actors, pytest workers) never see a half-written copy. A stale or
+    incomplete ``target`` is moved aside and deleted first; if another process wins the race to the
+    rename, its copy is used provided it is current (otherwise the rename error is raised).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {KINDS}")
-    root = tiny_cache_dir()
-    target = root / f"tiny-{kind}"
-    if _is_complete(target, kind):
+    target = Path(target)
+    if is_current(target):
         return target
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{kind}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        build_tiny_pipeline(kind, tmp)
-        if target.exists() and not _is_complete(target, kind):
-            stale = Path(tempfile.mkdtemp(prefix=f".stale-{kind}-", dir=root))
+        build(tmp)
+        if target.exists() and not is_current(target):
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=root))
             try:
                 os.replace(target, stale / "old")
             except OSError:
@@ -278,10 +290,92 @@ def ensure_tiny_pipeline(kind: str) -> Path:
         try:
             os.rename(tmp, target)
         except OSError:
-            # Another process won the race; use its copy if complete.
-            if not _is_complete(target, kind):
+            if not is_current(target):  # lost a race to a copy that is not usable: surface it
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_tiny_pipeline(kind: str) -> Path:
+    """Path of the cached tiny ``kind`` pipeline (``<tiny_cache_dir()>/tiny-<kind>``), built once if needed."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {KINDS}")
+    return build_cached(
+        tiny_cache_dir() / f"tiny-{kind}",
+        lambda tmp: build_tiny_pipeline(kind, tmp),
+        lambda path: _is_complete(path, kind),
+    )
+
+
+# -- tiny CLIP (preference-model scorers) --------------------------------------------------------
+
+
+def build_tiny_clip(save_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Save a tiny random CLIP (ViT 32-wide, 2 layers, patch 32 @ 224) + tokenizer + preprocessor config.
+
+    ``logit_scale`` starts at ln(100) like PickScore, so scores are on the SPM's ~100 x cosine scale.
+    Deterministic in ``seed`` without touching the caller's global RNG.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    from .spm import CLIP_MEAN, CLIP_STD
+
+    out = Path(save_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_clip_tokenizer(out)
+    # Re-save through transformers too (adds tokenizer.json), as a real CLIP / PickScore directory has.
+    tok.save_pretrained(str(out))
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": MAX_LENGTH,
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        projection_dim=16,
+        logit_scale_init_value=math.log(100.0),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(str(out))
+    try:
+        from transformers import CLIPImageProcessorPil as _Proc  # no torchvision needed
+    except ImportError:  # transformers 4.x
+        from transformers import CLIPImageProcessor as _Proc
+    _Proc(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(str(out))
+    return out
+
+
+def _tiny_clip_is_current(path: Path) -> bool:
+    marker = path / _TINY_CLIP_MARKER
+    return (
+        (path / "config.json").is_file()
+        and marker.is_file()
+        and marker.read_text().strip() == TINY_CLIP_VERSION
+    )
+
+
+def _build_marked_tiny_clip(path: Path) -> None:
+    build_tiny_clip(path)
+    (path / _TINY_CLIP_MARKER).write_text(TINY_CLIP_VERSION)
+
+
+def ensure_tiny_clip(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny CLIP at ``<cache_dir or tiny_cache_dir()>/tiny-clip``, built once; stale versions are rebuilt."""
+    root = Path(cache_dir) if cache_dir is not None else tiny_cache_dir()
+    return build_cached(root / TINY_CLIP_NAME, _build_marked_tiny_clip, _tiny_clip_is_current)

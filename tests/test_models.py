@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from spo_ray.models import Conditioning, DiffusionModel, load_diffusion_model
-from spo_ray.tiny import _SUBFOLDERS, build_tiny_pipeline, ensure_tiny_pipeline, write_clip_tokenizer_files
+from spo_ray.tiny import (
+    _SUBFOLDERS,
+    build_clip_tokenizer,
+    build_tiny_pipeline,
+    ensure_tiny_pipeline,
+    write_clip_tokenizer_files,
+)
 
 PROMPTS = ["a photo of the cat on a mat", "an oil painting of a lighthouse at dusk, dramatic light!"]
 
@@ -87,6 +93,27 @@ def test_tokenizer_files(tmp_path: Path) -> None:
     assert ids[0] == tok.bos_token_id and tok.eos_token_id in ids
     assert tok.eos_token_id == len(tok) - 1  # largest id, like the real CLIP vocab
     assert tok.convert_ids_to_tokens(ids[1:3]) == ["the</w>", "c"]
+
+
+def test_tokenizer_is_a_real_clip_tokenizer(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = write_clip_tokenizer_files(tmp_path / "tok", model_max_length=32)
+    assert (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assert type(tok).__name__.startswith("CLIPTokenizer")
+    assert tok.model_max_length == 32
+    assert tok.bos_token == "<|startoftext|>" and tok.eos_token == "<|endoftext|>"
+    assert tok.pad_token_id == tok.eos_token_id
+    enc = tok(["the cat", "a much longer prompt " * 20], padding=True, truncation=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    assert ids.shape == (2, 32)
+    assert (
+        ids[0, 0] == tok.bos_token_id and tok.convert_ids_to_tokens(int(ids[0, 1])) == "the</w>"
+    )  # merges apply
+    assert (ids[:, -1] == tok.eos_token_id).all() and int(ids.max()) < len(tok)
+    tok2 = build_clip_tokenizer(tmp_path / "tok2")
+    assert len(tok2) == len(tok) and tok2.model_max_length == 77
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -123,21 +123,32 @@ def test_sdxl_job_learns_at_lag_1(ray_cluster, tmp_path):
     assert (diff > 0).sum() >= 12
 
 
-def test_parity_with_in_process_engine_at_lag_0(ray_cluster, tmp_path):
-    overrides = ["run.max_rounds=2", "ray.max_policy_lag=0", "ray.num_trainers=1", "run.checkpoint_every_rounds=0"]
-    proc = submit_job(
-        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={tmp_path / 'ray'}",
-        "ray.num_samplers=2", "ray.num_scorers=2", *overrides,
+def test_parity_with_in_process_engine_at_lag_0_through_a_resume(ray_cluster, tmp_path):
+    """At lag 0 with one trainer worker the Ray engine trains the in-process engine's pairs with its
+    losses, whatever the number of samplers and scorers; and a job stopped after 2 rounds and
+    re-submitted with the same run name resumes (weights, Adam moments, lr schedule, prompt
+    position, policy version, counters) and continues exactly."""
+    common = ["ray.max_policy_lag=0", "ray.num_trainers=1", "run.checkpoint_every_rounds=2"]
+    ray_out = tmp_path / "ray"
+    for rounds in (2, 4):
+        proc = submit_job(
+            ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={ray_out}",
+            "ray.num_samplers=2", "ray.num_scorers=2", f"run.max_rounds={rounds}", *common,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "resuming tiny-sd15" in proc.stdout
+    ray_dir = ray_out / "tiny-sd15"
+    cfg = load_config(
+        "tiny-sd15", overrides=[f"run.output_dir={tmp_path / 'local'}", "run.progress=false", "run.max_rounds=4", *common]
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    ray_dir = tmp_path / "ray" / "tiny-sd15"
-    cfg = load_config("tiny-sd15", overrides=[f"run.output_dir={tmp_path / 'local'}", "run.progress=false", *overrides])
     run_in_process(cfg)
     local_dir = tmp_path / "local" / "tiny-sd15"
 
     ray_summary, local_summary = read_summary(ray_dir), json.loads((local_dir / "summary.json").read_text())
-    for key in ("scoring_events", "kept", "rejected", "trained", "transitions_trained", "optimizer_steps"):
+    assert_accounting(ray_summary)
+    for key in ("prompts", "scoring_events", "kept", "rejected", "trained", "transitions_trained", "optimizer_steps"):
         assert ray_summary["accounting"][key] == local_summary["accounting"][key], key
+    assert len(round_pair_ids(ray_dir)) == 4
     assert round_pair_ids(ray_dir) == round_pair_ids(local_dir)  # the same pairs, round by round
     ray_losses, local_losses = step_losses(ray_dir), step_losses(local_dir)
     assert len(ray_losses) == len(local_losses) > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo_ray import spm as spm_mod
+from spo_ray import tiny as tiny_mod
 from spo_ray.scorers import (
     SCORER_KINDS,
     BrightnessScorer,
@@ -19,7 +19,8 @@ from spo_ray.scorers import (
     StepAwareScorer,
     build_scorer,
 )
-from spo_ray.spm import CheckpointLoadError, StepAwarePreferenceModel, build_tiny_clip, preprocess_images
+from spo_ray.spm import CheckpointLoadError, StepAwarePreferenceModel, preprocess_images
+from spo_ray.tiny import build_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -258,13 +259,13 @@ def test_build_scorer_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_tiny_clip_dir_is_built_once_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPO_RAY_CACHE", str(tmp_path / "cache"))
     built: list[Path] = []
-    real_build = spm_mod.build_tiny_clip
+    real_build = tiny_mod.build_tiny_clip
 
     def counting_build(save_dir, **kw):
         built.append(Path(save_dir))
         return real_build(save_dir, **kw)
 
-    monkeypatch.setattr(spm_mod, "build_tiny_clip", counting_build)
+    monkeypatch.setattr(tiny_mod, "build_tiny_clip", counting_build)
     s = build_scorer("spm", clip_dir="tiny")
     target = tmp_path / "cache" / "tiny-clip"
     assert s.clip_dir == target and (target / "config.json").is_file()
@@ -275,6 +276,6 @@ def test_tiny_clip_dir_is_built_once_in_cache(tmp_path: Path, monkeypatch: pytes
     out = s.score(_images(2), ["a", "b"], torch.tensor([0, 951]))
     torch.testing.assert_close(out, c.score(_images(2), ["a", "b"], torch.zeros(2)), atol=1e-4, rtol=0)
     # a stale build (older version marker) is replaced
-    (target / spm_mod._TINY_MARKER).write_text("0")
-    assert spm_mod.ensure_tiny_clip() == target and len(built) == 2
+    (target / tiny_mod._TINY_CLIP_MARKER).write_text("0")
+    assert tiny_mod.ensure_tiny_clip() == target and len(built) == 2
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny-clip"]

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, CLIPModel
+from transformers import CLIPModel
 
 from spo_ray.spm import (
     CLIP_MEAN,
     CLIP_STD,
     CheckpointLoadError,
     StepAwarePreferenceModel,
-    build_tiny_clip,
-    build_tiny_clip_tokenizer,
     load_clip_processor,
     load_image_normalization,
     preprocess_images,
@@ -24,8 +22,8 @@ from spo_ray.spm import (
     resolve_clip_dir,
     resolve_dtype,
     timestep_embedding,
-    write_tiny_clip_tokenizer,
 )
+from spo_ray.tiny import build_tiny_clip
 
 PROMPTS = ["a photo of the cat", "and a dog", "an oil painting of a castle in the mountains"]
 
@@ -380,26 +378,7 @@ def test_load_image_normalization_reads_processor_config(clip_dir: Path, tmp_pat
     assert load_image_normalization(custom) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-# ---- tiny offline tokenizer / model ----------------------------------------------------------------------------
-
-
-def test_tiny_tokenizer_is_a_real_clip_tokenizer(tmp_path: Path) -> None:
-    path = write_tiny_clip_tokenizer(tmp_path / "tok", model_max_length=32)
-    assert (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    assert type(tok).__name__.startswith("CLIPTokenizer")
-    assert tok.model_max_length == 32
-    assert tok.bos_token == "<|startoftext|>" and tok.eos_token == "<|endoftext|>"
-    assert tok.pad_token_id == tok.eos_token_id
-    enc = tok(["the cat", "a much longer prompt " * 20], padding=True, truncation=True, return_tensors="pt")
-    ids = enc["input_ids"]
-    assert ids.shape == (2, 32)
-    assert (
-        ids[0, 0] == tok.bos_token_id and tok.convert_ids_to_tokens(int(ids[0, 1])) == "the</w>"
-    )  # merges apply
-    assert (ids[:, -1] == tok.eos_token_id).all() and int(ids.max()) < len(tok)
-    tok2 = build_tiny_clip_tokenizer(tmp_path / "tok2")
-    assert len(tok2) == len(tok) and tok2.model_max_length == 77
+# ---- tiny offline model ----------------------------------------------------------------------------------------
 
 
 def test_build_tiny_clip_is_deterministic_and_loads_offline(clip_dir: Path, tmp_path: Path) -> None:
