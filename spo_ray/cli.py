@@ -3,6 +3,7 @@
     spo-ray train --preset tiny-sd15 [--config my.yaml] [section.key=value ...]
     spo-ray train --preset tiny-sd15 --engine ray
     spo-ray presets
+    spo-ray compare --experiment spo-ray [--runs ID ...] [--tracking-uri URI] [--out DIR] [--metrics loss ...]
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train, default_preset="tiny-sd15")
     train.add_argument("--engine", choices=["in-process", "ray"], default="in-process")
     sub.add_parser("presets", help="list the presets")
+    compare = sub.add_parser("compare", help="compare tracked runs: a table, metric plots, a comparison run")
+    compare.add_argument("--experiment", default=None, help="compare every training run of this MLflow experiment (default without --runs: spo-ray)")
+    compare.add_argument("--runs", nargs="+", default=None, metavar="ID", help="MLflow run ids (added to --experiment's)")
+    compare.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    compare.add_argument("--out", default=None, metavar="DIR", help="where the table and PNGs go (default ./compare-<time>)")
+    compare.add_argument("--metrics", nargs="+", default=None, help="default: loss mean_score (eval/* always added)")
     return parser
 
 
@@ -38,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presets":
         print("\n".join(available_presets()))
         return 0
+    if args.command == "compare":
+        return compare_main(args)
     try:
         cfg = load_config(args.preset, config_file=args.config, overrides=args.overrides)
     except ConfigError as err:
@@ -55,6 +64,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0 if not result.get("accounting_problems") else 1
     return 2
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    from spo_ray.compare import CompareError, compare_runs
+    from spo_ray.tracking import TrackingError
+
+    try:
+        result = compare_runs(
+            experiment=args.experiment, run_ids=args.runs, tracking_uri=args.tracking_uri,
+            out_dir=args.out, metrics=args.metrics,
+        )
+    except (CompareError, TrackingError) as err:
+        print(f"spo-ray compare: {err}", file=sys.stderr)
+        return 1
+    print(result.table, end="")
+    print(f"plots: {', '.join(str(p) for p in result.plots)}")
+    if result.comparison_run_id:
+        print(f"comparison run: {result.comparison_run_id}")
+    return 0
 
 
 def job_main(default_preset: str, argv: list[str] | None = None) -> int:

@@ -39,7 +39,8 @@ from spo_ray.config import SPOConfig
 from spo_ray.export import export_policy
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.scoring import ScoringStats
-from spo_ray.training import LocalTrainer, NonFiniteError, expand_transitions
+from spo_ray.tracking import RunTracker, render_pair_strip, render_validation_grid
+from spo_ray.training import LocalTrainer, NonFiniteError, StepMetrics
 
 log = logging.getLogger("spo_ray")
 
@@ -70,11 +71,44 @@ def round_metrics(stats: ScoringStats, steps: list, lag: int) -> dict[str, float
     return out
 
 
+def tracking_metrics(step: StepMetrics) -> dict[str, float]:
+    """What one optimizer step reports to MLflow."""
+    return {
+        "loss": step.loss, "ratio_win": step.ratio_win, "ratio_lose": step.ratio_lose, "clip_frac": step.clip_frac,
+        "accuracy": step.accuracy, "score_win": step.score_win, "score_lose": step.score_lose,
+        "score_margin": step.score_win - step.score_lose, "lr": step.lr, "grad_norm": step.grad_norm,
+        "skipped": float(step.skipped), "num_transitions": step.num_transitions,
+    }
+
+
 def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     """Run SPO in this process; returns the run summary (also written to summary.json)."""
     started = time.time()
     prompt_set = load_prompt_set(cfg)  # bad prompt files fail here, before any model loads
     device = resolve_device(cfg)
+    run_dir = cfg.run_dir
+    resumed = latest_checkpoint(run_dir)
+    # The tracking server is checked (and the MLflow run started or continued) before any model loads.
+    tracker = RunTracker(cfg, engine="in-process")
+    tracker.start(resume_run_id=read_checkpoint_state(resumed).get("mlflow_run_id") if resumed else None)
+    try:
+        result = _run(cfg, tracker, prompt_set, device, resumed, started)
+    except BaseException as err:
+        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json alone (cheap: no weights), {} when unreadable."""
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -91,7 +125,7 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     metrics = MetricsFile(run_dir / "metrics.jsonl")
 
     accounting, position, version = Accounting(), 0, 0
-    resumed = latest_checkpoint(run_dir)
+    last_round_step = -1  # the MLflow step of the last round's metrics
     if resumed is not None:
         state, weights, optimizer_state = load_checkpoint(resumed)
         load_trainable_weights(model.unet, weights, source=str(resumed))
@@ -101,10 +135,11 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
         position, version = state["position"], state["policy_version"]
         trainer.global_step, trainer.micro_step = state["global_step"], state["micro_step"]
         accounting = Accounting(**state["accounting"])
+        last_round_step = state.get("mlflow_round_step", trainer.global_step)
         log.info("resumed from %s at round %d (policy version %d)", resumed, position, version)
 
     def checkpoint(next_position: int) -> Path:
-        return save_checkpoint(
+        path = save_checkpoint(
             run_dir,
             position=next_position,
             state={
@@ -113,11 +148,32 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
                 "micro_step": trainer.micro_step,
                 "accounting": accounting.to_dict(),
                 "engine": "in-process",
+                "mlflow_run_id": tracker.run_id,
+                "mlflow_round_step": last_round_step,
             },
             weights=trainable_state(model.unet),
             optimizer={"optimizer": trainer.optimizer.state_dict(), "lr_schedule": trainer.lr_schedule.state_dict()},
             keep=cfg.run.keep_checkpoints,
         )
+        if cfg.tracking.log_checkpoints:
+            tracker.log_artifact(path, f"checkpoints/{path.name}")
+        return path
+
+    # Validation images: fixed prompts and seeds, the base model's row computed once.
+    validation_prompts = list(cfg.tracking.validation_prompts) or prompts[:4]
+    validation_seeds = list(range(len(validation_prompts)))
+    base_images = None
+    last_grid_position = -1
+
+    def log_grid(name: str) -> None:
+        nonlocal base_images, last_grid_position
+        if not tracker.active or not validation_prompts:
+            return
+        grid, base_images = render_validation_grid(
+            model, trainer.frozen_copy, validation_prompts, validation_seeds, cfg.sampling, base_images=base_images
+        )
+        tracker.log_image(grid, f"images/{name}.png")
+        last_grid_position = position
 
     last_round = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
     bar = tqdm(total=last_round, initial=position, desc="rounds", disable=not cfg.run.progress, dynamic_ncols=True)
@@ -131,13 +187,16 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
         records = sampler.sample(
             batch_prompts, rnd.prompt_ids, epoch=rnd.epoch, round_index=rnd.index, policy_version=version
         )
+        t_sampled = time.time()
         pairs, stats = pool_scorer(records)
+        t_scored = time.time()
         try:
             steps = trainer.train_round(pairs, epoch=rnd.epoch, round_index=rnd.index)
         except NonFiniteError as err:
             stopped_by = str(err)
             checkpoint(rnd.index)
             break
+        t_trained = time.time()
         num_pairs = len(pairs["pair_id"])
         accounting.add(
             prompts=len(rnd.prompt_ids),
@@ -145,7 +204,7 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
             kept=stats.kept,
             rejected=stats.rejected,
             trained=num_pairs,
-            transitions_trained=len(expand_transitions(pairs)["pair_id"]) if num_pairs else 0,
+            transitions_trained=int(pairs["seg_len"].sum()),
             optimizer_steps=len(steps),
             skipped_steps=sum(s.skipped for s in steps),
         )
@@ -153,11 +212,35 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
         version += 1  # the trainer publishes the next version after each round
         for step in steps:
             metrics.write("step", {**asdict(step), "round": rnd.index, "epoch": rnd.epoch})
+            tracker.log_metrics(tracking_metrics(step), step=step.step)
         elapsed = time.time() - t0
         summary = round_metrics(stats, steps, lag)
         summary.update(round=rnd.index, epoch=rnd.epoch, pairs_per_s=stats.kept / max(elapsed, 1e-9), seconds=elapsed)
-        metrics.write("round", summary)
+        metrics.write("round", {**summary, "pair_ids": sorted(pairs["pair_id"].tolist())})
         position = rnd.index + 1
+        # Per-round metrics share the optimizer-step axis (the round's last step); a round that
+        # trained nothing moves one step on so that no metric has a step twice. (A round redone
+        # after a resume gets its old step, which the tracker skips: it was logged already.)
+        round_step = trainer.global_step if trainer.global_step > last_round_step else last_round_step + 1
+        last_round_step = round_step
+        busy = {
+            "busy/sampler": (t_sampled - t0) / max(elapsed, 1e-9),
+            "busy/scorer": (t_scored - t_sampled) / max(elapsed, 1e-9),
+            "busy/trainer": (t_trained - t_scored) / max(elapsed, 1e-9),
+        }
+        tracked = {k: v for k, v in summary.items() if k not in ("loss", "seconds")}  # "loss": the step series
+        tracked.update(
+            busy, round_loss=summary.get("loss"), round_seconds=elapsed, **{
+                "accounting/kept": accounting.kept, "accounting/rejected": accounting.rejected,
+                "accounting/prompts": accounting.prompts,
+            },
+        )
+        tracker.log_metrics(tracked, step=round_step)
+        every = cfg.tracking.log_pair_images_every
+        if tracker.active and every > 0 and (rnd.index + 1) % every == 0 and num_pairs:
+            tracker.log_image(render_pair_strip(model, records, pairs), f"pairs/round_{rnd.index:07d}.png")
+        if (rnd.index + 1) % plan.rounds_per_epoch == 0:
+            log_grid(f"epoch_{rnd.epoch}")
         bar.update(1)
         bar.set_postfix(
             prompts=accounting.prompts, kept=accounting.kept, rejected=accounting.rejected,
@@ -170,6 +253,9 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
 
     final_dir = run_dir / "final"
     export_policy(model.unet, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir)
+    if last_grid_position != position:
+        log_grid("final")
+    tracker.register_lora(final_dir, "final")
     result = {
         "engine": "in-process",
         "run_dir": str(run_dir),
@@ -180,8 +266,11 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
         "accounting_problems": accounting.problems(),
         "seconds": time.time() - started,
         "stopped_by": stopped_by,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.tracking_uri,
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    tracker.log_artifact(run_dir / "summary.json")
     print("accounting: " + accounting.summary(), flush=True)
     if stopped_by:
         raise NonFiniteError(stopped_by)

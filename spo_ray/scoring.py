@@ -144,6 +144,8 @@ class PoolScorer:
             "score_win": scores[rows_b, rows_s, w],
             "score_lose": scores[rows_b, rows_s, lo],
             "score_t": score_t[rows_b, rows_s],
+            "win_idx": w.to(torch.long),  # candidate indices in the pool (to find the scored x0_hat)
+            "lose_idx": lo.to(torch.long),
         }
         for key, value in records.items():
             if key.startswith("cond_"):

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray reads its auth mode once, when it is imported: clients in this test process (the job SDK,
+# the state API) talk to a cluster with token authentication on.
+os.environ["RAY_AUTH_MODE"] = "token"
+
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = int(os.environ.get("SPO_TEST_DASHBOARD_PORT", "8299"))
 GCS_PORT = int(os.environ.get("SPO_TEST_GCS_PORT", "6399"))
