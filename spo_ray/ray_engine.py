@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from spo_ray.components import (
 from spo_ray.config import SPOConfig, config_from_dict
 from spo_ray.export import export_policy
 from spo_ray.sampling import CandidatePoolSampler
+from spo_ray.tracking import RunTracker, check_reachable, resolve_tracking_uri
 from spo_ray.training import (
     NonFiniteError,
     add_lora,
@@ -456,7 +458,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
 
     cfg = config_from_dict(config["cfg"])
-    prompts: list[str] = config["prompts"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _set_threads(cfg)
@@ -471,7 +472,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from spo_ray.training import setup_policy
 
     frozen_copy = setup_policy(model.unet, cfg.train)
-    position, version, accounting = 0, 0, Accounting()
+    position, version, accounting, state = 0, 0, Accounting(), {}
     resumed = latest_checkpoint(run_dir)
     if resumed is not None:
         from spo_ray.checkpointing import load_checkpoint
@@ -497,6 +498,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _restore_optimizer_state(engine, optimizer_state["adam"], global_step)
             lr_schedule.load_state_dict(optimizer_state["lr_schedule"])
 
+    # MLflow from trainer rank 0 (Ray Train V2 refuses Tune logger callbacks); a restart or a
+    # re-submission continues the checkpoint's MLflow run.
+    tracker = RunTracker(cfg, engine="ray") if rank == 0 else None
+    if tracker is not None:
+        tracker.start(resume_run_id=state.get("mlflow_run_id"))
+    try:
+        _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, store, ledger, tracker,
+               position=position, version=version, accounting=accounting, global_step=global_step, autocast=autocast)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        tracker.end("FINISHED")
+
+
+def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, store, ledger, tracker, *,
+           position: int, version: int, accounting: Accounting, global_step: int, autocast) -> None:
+    """The round loop of one trainer worker (split out so rank 0 can close its MLflow run)."""
+    prompts: list[str] = config["prompts"]
+    run_dir = cfg.run_dir
+    params = trainable_parameters(engine.module)
     # Publish the starting policy (the store rolls back to it on a restart).
     weights = _published_weights(engine, cfg)
     if rank == 0:
@@ -592,13 +615,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with metrics_path.open("a") as f:
                 for s in step_logs:
                     f.write(json.dumps({"kind": "step", "time": time.time(), **s}) + "\n")
-                f.write(json.dumps({
+                round_record = {
                     "kind": "round", "time": time.time(), "round": rnd.index, "epoch": rnd.epoch, "policy_lag": round_lag,
                     "kept_fraction": kept / max(events, 1), "pairs": num_pairs, "wait_seconds": waited,
                     "pair_ids": sorted(pairs["pair_id"].tolist()) if num_pairs else [],
                     "pairs_per_s": num_pairs / max(elapsed, 1e-9),
                     "loss": float(np.mean([s["loss"] for s in step_logs])) if step_logs else None,
-                }) + "\n")
+                }
+                f.write(json.dumps(round_record) + "\n")
+            if tracker is not None:
+                for s in step_logs:
+                    tracker.log_metrics(
+                        {**{k: s[k] for k in STEP_METRICS}, "score_margin": s["score_win"] - s["score_lose"],
+                         "skipped": float(s["skipped"])},
+                        step=s["step"],
+                    )
+                tracker.log_metrics(
+                    {"round": rnd.index, "epoch": rnd.epoch, "policy_lag": round_lag, "kept_fraction": kept / max(events, 1),
+                     "pairs_per_s": round_record["pairs_per_s"], "wait_seconds": waited, "round_loss": round_record["loss"],
+                     **{f"accounting/{k}": v for k, v in accounting.to_dict().items()}},
+                    step=max(global_step, tracker.last_step("round") + 1),
+                )
             loss_text = f"{np.mean([s['loss'] for s in step_logs]):.4f}" if step_logs else "-"
             print(
                 f"[spo-ray] round {rnd.index + 1}/{last} | prompts {accounting.prompts} | pairs kept {accounting.kept} "
@@ -607,10 +644,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 flush=True,
             )
         if cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0:
-            _save_checkpoint(
+            saved = _save_checkpoint(
                 engine, lr_schedule, cfg, rank, position=rnd.index + 1, version=version, step=global_step,
-                accounting=accounting,
+                accounting=accounting, mlflow_run_id=tracker.run_id if tracker is not None else None,
             )
+            if tracker is not None and saved is not None and cfg.tracking.log_checkpoints:
+                tracker.log_artifact(saved, f"checkpoints/{saved.name}")
 
     # Everything published; export the final policy from rank 0.
     final_weights = _published_weights(engine, cfg)
@@ -627,12 +666,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "trainer_accounting": accounting.to_dict(), "max_policy_lag_seen": max_lag, "lags": lags,
             "world_size": world, "global_step": global_step, "seconds": time.time() - started,
         }
+        if tracker is not None:
+            summary["mlflow_run_id"] = tracker.run_id
+            tracker.log_artifact(final_dir, "final")
+            tracker.register_lora(final_dir, "final")
         (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
     del final_weights
     ray.train.report({"policy_version": version, "global_step": global_step})
 
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+STEP_METRICS = ("loss", "ratio_win", "ratio_lose", "clip_frac", "accuracy", "score_win", "score_lose", "lr", "grad_norm")
 
 
 def _named_trainables(engine) -> dict[str, torch.nn.Parameter]:
@@ -685,21 +729,23 @@ def _restore_optimizer_state(engine, tensors: dict[str, torch.Tensor], step: int
 
 
 def _save_checkpoint(
-    engine, lr_schedule, cfg: SPOConfig, rank: int, *, position: int, version: int, step: int, accounting: Accounting
-) -> None:
+    engine, lr_schedule, cfg: SPOConfig, rank: int, *, position: int, version: int, step: int, accounting: Accounting,
+    mlflow_run_id: str | None = None,
+) -> Path | None:
     from spo_ray.checkpointing import save_checkpoint
 
     weights = _published_weights(engine, cfg)
     adam = _optimizer_state(engine)
     if rank == 0:
-        save_checkpoint(
+        return save_checkpoint(
             cfg.run_dir, position=position,
             state={"policy_version": version, "global_step": step, "micro_step": 0, "accounting": accounting.to_dict(),
-                   "engine": "ray"},
+                   "engine": "ray", "mlflow_run_id": mlflow_run_id},
             weights={k: torch.from_numpy(v) for k, v in weights.items()},
             optimizer={"adam": adam, "lr_schedule": lr_schedule.state_dict()},
             keep=cfg.run.keep_checkpoints,
         )
+    return None
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -712,6 +758,8 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
 
     prompt_set = load_prompt_set(cfg)  # bad input fails here, before any cluster resource
     prompts = prompt_set.prompts
+    if cfg.tracking.enabled:
+        check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails fast
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     import yaml

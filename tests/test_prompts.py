@@ -319,28 +319,14 @@ def word_tokenizer():
     )
 
 
-def _bytes_to_unicode() -> list[str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture
 def clip_tokenizer(tmp_path: Path):
     """A CLIP BPE tokenizer with a minimal vocabulary (byte characters plus two merges)."""
     from transformers import CLIPTokenizer
 
-    chars = _bytes_to_unicode()
+    from spo_ray.tiny import _bytes_to_unicode
+
+    chars = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)

@@ -82,6 +82,17 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     assert summary["max_policy_lag_seen"] <= 1
     assert 1 in summary["lags"]  # sampling overlapped training
     assert "[spo-ray] round 3/3" in proc.stdout  # the live progress line
+    # MLflow from trainer rank 0, to the default sqlite store in the run directory.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["engine"] == "ray" and run.data.params["ray.num_trainers"] == "2"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) == summary["accounting"]["optimizer_steps"]
+    assert len({m.step for m in losses}) == len(losses)
+    assert len(client.get_metric_history(run.info.run_id, "policy_lag")) == 3
     assert lora_changes_pipeline("sd15", run_dir / "final") > 1e-4
 
 
