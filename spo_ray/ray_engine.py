@@ -18,6 +18,7 @@ micro-batches, so one trainer rank reproduces the in-process engine exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -424,33 +425,27 @@ def _gather_round(local: list[dict[str, Any]]) -> dict[str, Any]:
     return mine
 
 
-def _published_weights(engine, cfg: SPOConfig) -> dict[str, np.ndarray] | None:
-    """Trainable weights as numpy (gathered collectively under ZeRO-3: every rank must call)."""
+def _gathered(engine, cfg: SPOConfig):
+    """Whole parameters on every rank for the duration (ZeRO-3 partitions them; collective)."""
+    if cfg.ray.zero_stage != 3:
+        return contextlib.nullcontext()
     import deepspeed
-    import torch.distributed as dist
 
     module = engine.module
-    params = dict(module.named_parameters()) if not cfg.train.lora else {
-        n: p for n, p in module.named_parameters() if p.requires_grad
-    }
-    context = (
-        deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
-        if cfg.ray.zero_stage == 3
-        else _null()
-    )
-    with context:
+    params = [p for p in module.parameters() if p.requires_grad or not cfg.train.lora]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _published_weights(engine, cfg: SPOConfig) -> dict[str, np.ndarray] | None:
+    """Trainable weights as numpy on rank 0 (every rank must call: the gather is collective)."""
+    import torch.distributed as dist
+
+    with _gathered(engine, cfg):
         if dist.get_rank() != 0:
             return None
+        module = engine.module
         state = trainable_state(module) if cfg.train.lora else module.state_dict()
         return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -651,16 +646,12 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
             if tracker is not None and saved is not None and cfg.tracking.log_checkpoints:
                 tracker.log_artifact(saved, f"checkpoints/{saved.name}")
 
-    # Everything published; export the final policy from rank 0.
-    final_weights = _published_weights(engine, cfg)
+    # Everything published; export the final policy from rank 0 (inside the collective gather).
+    final_dir = run_dir / "final"
+    with _gathered(engine, cfg):
+        if rank == 0:
+            export_policy(engine.module, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir)
     if rank == 0:
-        final_dir = run_dir / "final"
-        if cfg.train.lora:
-            from spo_ray.export import lora_state_dict, save_lora
-
-            save_lora(lora_state_dict(engine.module), cfg.model.kind, final_dir)
-        else:
-            export_policy(engine.module, kind=cfg.model.kind, lora=False, directory=final_dir)
         summary = {
             "engine": "ray", "run_dir": str(run_dir), "final_dir": str(final_dir), "policy_version": version,
             "trainer_accounting": accounting.to_dict(), "max_policy_lag_seen": max_lag, "lags": lags,
@@ -671,7 +662,6 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
             tracker.log_artifact(final_dir, "final")
             tracker.register_lora(final_dir, "final")
         (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
-    del final_weights
     ray.train.report({"policy_version": version, "global_step": global_step})
 
 
