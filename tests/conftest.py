@@ -17,8 +17,13 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 REPO = Path(__file__).resolve().parents[1]
-DASHBOARD_PORT = int(os.environ.get("SPO_TEST_DASHBOARD_PORT", "8299"))
-GCS_PORT = int(os.environ.get("SPO_TEST_GCS_PORT", "6399"))
+# Every fixed port of the test cluster moves by SPO_TEST_PORT_OFFSET, so two test sessions (two
+# checkouts) can each run their own cluster on one machine.
+_OFFSET = int(os.environ.get("SPO_TEST_PORT_OFFSET", "0"))
+DASHBOARD_PORT = 8299 + _OFFSET
+GCS_PORT = 6399 + _OFFSET
+AGENT_PORT = 52399 + _OFFSET
+CLIENT_PORT = 10099 + _OFFSET
 JOB_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # ray.train.report blocks ~1.5 s per call otherwise
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions"),  # DeepSpeed's op compiles once
@@ -57,11 +62,12 @@ def ray_cluster():
     """
     env = _env()
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    temp_dir = Path(os.environ.get("SPO_TEST_RAY_TMP", "/tmp/ray-spo-tests"))
+    temp_dir = Path(f"/tmp/ray-spo-tests-{_OFFSET}" if _OFFSET else "/tmp/ray-spo-tests")
     proc = subprocess.Popen(
         [
             "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(DASHBOARD_PORT), "--port", str(GCS_PORT), "--num-cpus", "8",
+            "--dashboard-agent-listen-port", str(AGENT_PORT), "--ray-client-server-port", str(CLIENT_PORT),
             "--disable-usage-stats", "--temp-dir", str(temp_dir),
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
