@@ -23,7 +23,7 @@ _OFFSET = int(os.environ.get("SPO_TEST_PORT_OFFSET", "0"))
 DASHBOARD_PORT = 8299 + _OFFSET
 GCS_PORT = 6399 + _OFFSET
 AGENT_PORT = 52399 + _OFFSET
-CLIENT_PORT = 10099 + _OFFSET
+CLIENT_PORT = 9001 + _OFFSET  # below the worker port range (10002-19999)
 JOB_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # ray.train.report blocks ~1.5 s per call otherwise
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions"),  # DeepSpeed's op compiles once
