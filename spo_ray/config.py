@@ -107,6 +107,9 @@ class RayConfig:
     sampler: RoleResources = field(default_factory=RoleResources)
     scorer: RoleResources = field(default_factory=RoleResources)
     trainer: RoleResources = field(default_factory=RoleResources)
+    # The validation-grid renderer (one actor: policy UNet + text encoders + VAE), used only when
+    # tracking is on; it renders once per epoch, so a CPU or a GPU fraction is usually enough.
+    renderer: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0))
     torch_threads_per_actor: int | None = None
     max_failures: int = 3  # trainer worker-group restarts (from the latest checkpoint) before the run fails
 
@@ -339,7 +342,7 @@ def validate_config(cfg: SPOConfig) -> None:
         (cfg.run.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {cfg.run.device!r}"),
         (bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name must be a non-empty name without '/', got {cfg.run.name!r}"),
     ]
-    for role in ("sampler", "scorer", "trainer"):
+    for role in ("sampler", "scorer", "trainer", "renderer"):
         res: RoleResources = getattr(r, role)
         checks.append((res.num_cpus >= 0 and res.num_gpus >= 0, f"ray.{role} resources must be >= 0"))
         checks.append((res.num_gpus <= 1 or float(res.num_gpus).is_integer(),

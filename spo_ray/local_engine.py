@@ -39,7 +39,7 @@ from spo_ray.config import SPOConfig
 from spo_ray.export import export_policy
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.scoring import ScoringStats
-from spo_ray.tracking import RunTracker, render_pair_strip, render_validation_grid
+from spo_ray.tracking import RunTracker, render_pair_strip, render_validation_grid, validation_set
 from spo_ray.training import LocalTrainer, NonFiniteError, StepMetrics
 
 log = logging.getLogger("spo_ray")
@@ -160,8 +160,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         return path
 
     # Validation images: fixed prompts and seeds, the base model's row computed once.
-    validation_prompts = list(cfg.tracking.validation_prompts) or prompts[:4]
-    validation_seeds = list(range(len(validation_prompts)))
+    validation_prompts, validation_seeds = validation_set(cfg, prompts)
     base_images = None
     last_grid_position = -1
 

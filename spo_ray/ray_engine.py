@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,15 @@ from spo_ray.components import (
 from spo_ray.config import SPOConfig, config_from_dict
 from spo_ray.export import export_policy
 from spo_ray.sampling import CandidatePoolSampler
-from spo_ray.tracking import RunTracker, check_reachable, resolve_tracking_uri
+from spo_ray.tracking import (
+    RunTracker,
+    check_reachable,
+    png_bytes,
+    render_pair_strip,
+    render_validation_grid,
+    resolve_tracking_uri,
+    validation_set,
+)
 from spo_ray.training import (
     NonFiniteError,
     add_lora,
@@ -118,44 +127,83 @@ class RoundLedger:
     def __init__(self, round_sizes: dict[int, int], baseline: dict[str, int] | None = None):
         self.round_sizes = round_sizes
         self.baseline = baseline or {}  # counts of the rounds before a resumed run's checkpoint
-        self.scored: dict[int, dict[int, tuple[int, int, int]]] = {}
+        self.scored: dict[int, dict[int, ScoredPrompt]] = {}
         self.duplicates = 0
-        self.by_bucket: dict[str, list[int]] = {}
+        self.strips: dict[int, tuple[int, bytes]] = {}  # round -> (smallest prompt id, PNG)
 
-    def report(self, round_index: int, rows: list[tuple]) -> None:
-        """rows: (prompt_id, events, kept, rejected, {bucket: (events, kept)}) per scored prompt."""
+    def report(self, round_index: int, rows: list[ScoredPrompt]) -> None:
         seen = self.scored.setdefault(round_index, {})
-        for prompt_id, events, kept, rejected, buckets in rows:
-            if prompt_id in seen:
+        for row in rows:
+            if row.prompt_id in seen:
                 self.duplicates += 1
                 continue
-            seen[prompt_id] = (events, kept, rejected)
-            for bucket, (bucket_events, bucket_kept) in buckets.items():
-                total = self.by_bucket.setdefault(bucket, [0, 0])
-                total[0] += bucket_events
-                total[1] += bucket_kept
+            seen[row.prompt_id] = row
 
     def status(self, round_index: int) -> tuple[bool, int, int, int]:
         """(complete, events, kept, rejected) of a round."""
-        seen = self.scored.get(round_index, {})
-        events, kept, rejected = (sum(v[i] for v in seen.values()) for i in range(3))
+        seen = self.scored.get(round_index, {}).values()
+        events, kept, rejected = (sum(r.events for r in seen), sum(r.kept for r in seen), sum(r.rejected for r in seen))
         return len(seen) == self.round_sizes[round_index], events, kept, rejected
 
+    def round_summary(self, round_index: int) -> dict[str, float]:
+        """Mean candidate score and kept fraction per timestep bucket of one round."""
+        seen = list(self.scored.get(round_index, {}).values())
+        out = {"mean_score": sum(r.score_sum for r in seen) / max(sum(r.images for r in seen), 1)}
+        for bucket, (events, kept) in _bucket_totals(seen).items():
+            out[f"kept_fraction/{bucket}"] = kept / max(events, 1)
+        return out
+
+    def offer_strip(self, round_index: int, first_prompt_id: int, png: bytes) -> None:
+        """A scorer's win/lose strip; the one with the round's smallest prompt id is kept (whoever
+        scored it, and however often it was redone), so the logged strip is deterministic."""
+        held = self.strips.get(round_index)
+        if held is None or first_prompt_id < held[0]:
+            self.strips[round_index] = (first_prompt_id, png)
+
+    def take_strip(self, round_index: int) -> bytes | None:
+        held = self.strips.pop(round_index, None)
+        return None if held is None else held[1]
+
     def totals(self) -> dict[str, Any]:
-        rows = [v for seen in self.scored.values() for v in seen.values()]
+        rows = [r for seen in self.scored.values() for r in seen.values()]
         base = self.baseline
         return {
             "prompts": base.get("prompts", 0) + len(rows),
-            "scoring_events": base.get("scoring_events", 0) + sum(r[0] for r in rows),
-            "kept": base.get("kept", 0) + sum(r[1] for r in rows),
-            "rejected": base.get("rejected", 0) + sum(r[2] for r in rows),
+            "scoring_events": base.get("scoring_events", 0) + sum(r.events for r in rows),
+            "kept": base.get("kept", 0) + sum(r.kept for r in rows),
+            "rejected": base.get("rejected", 0) + sum(r.rejected for r in rows),
             "duplicate_reports": self.duplicates,
-            "by_bucket": self.by_bucket,
+            "by_bucket": {b: list(v) for b, v in _bucket_totals(rows).items()},
         }
 
 
+@dataclass(frozen=True)
+class ScoredPrompt:
+    """What a scorer reports to the ledger for one prompt of a round."""
+
+    prompt_id: int
+    events: int
+    kept: int
+    rejected: int
+    buckets: dict[str, tuple[int, int]]  # timestep bucket -> (events, kept)
+    score_sum: float
+    images: int
+
+
+def _bucket_totals(rows: list[ScoredPrompt]) -> dict[str, tuple[int, int]]:
+    totals: dict[str, tuple[int, int]] = {}
+    for row in rows:
+        for bucket, (events, kept) in row.buckets.items():
+            had = totals.get(bucket, (0, 0))
+            totals[bucket] = (had[0] + events, had[1] + kept)
+    return totals
+
+
 def actor_names(cfg: SPOConfig) -> dict[str, str]:
-    return {"store": f"spo-policy-store-{cfg.run.name}", "ledger": f"spo-round-ledger-{cfg.run.name}"}
+    return {
+        "store": f"spo-policy-store-{cfg.run.name}", "ledger": f"spo-round-ledger-{cfg.run.name}",
+        "renderer": f"spo-renderer-{cfg.run.name}",
+    }
 
 
 def _set_threads(cfg: SPOConfig) -> None:
@@ -215,8 +263,8 @@ class ScorerWorker:
         self.cfg = config_from_dict(cfg_dict)
         _set_threads(self.cfg)
         device = resolve_device(self.cfg)
-        model = load_model(self.cfg, device, ("vae",))
-        self.pool_scorer = build_pool_scorer(self.cfg, model, device)
+        self.model = load_model(self.cfg, device, ("vae",))
+        self.pool_scorer = build_pool_scorer(self.cfg, self.model, device)
         self.ledger = ray.get_actor(actor_names(self.cfg)["ledger"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -226,14 +274,17 @@ class ScorerWorker:
         pairs, stats = self.pool_scorer(rec)
         if hasattr(self.pool_scorer.scorer, "reset_text_cache"):
             self.pool_scorer.scorer.reset_text_cache()
+        self._offer_pair_strip(rec, pairs)  # before the report: the round is complete only after it
         # Report per prompt (idempotent in the ledger) so a redone batch is not counted twice.
         events_per_row = rec["x0_hat"].shape[1]
-        by_round: dict[int, list[tuple]] = {}
+        images_per_row = events_per_row * rec["x0_hat"].shape[2]
+        by_round: dict[int, list[ScoredPrompt]] = {}
         for b, (round_index, prompt_id) in enumerate(zip(rec["round"].tolist(), rec["prompt_id"].tolist(), strict=True)):
             kept = stats.kept_per_row[b]
-            by_round.setdefault(round_index, []).append(
-                (prompt_id, events_per_row, kept, events_per_row - kept, stats.buckets_per_row[b])
-            )
+            by_round.setdefault(round_index, []).append(ScoredPrompt(
+                prompt_id, events_per_row, kept, events_per_row - kept, stats.buckets_per_row[b],
+                stats.score_sum_per_row[b], images_per_row,
+            ))
         ray.get([self.ledger.report.remote(r, rows) for r, rows in by_round.items()])
         out = records.to_numpy(pairs)
         n = records.num_rows(pairs)
@@ -242,6 +293,46 @@ class ScorerWorker:
         if sampler_seconds is not None:
             out["sampler_seconds"] = np.full(n, float(np.sum(sampler_seconds)), dtype=np.float64)
         return out
+
+    def _offer_pair_strip(self, rec: dict[str, Any], pairs: dict[str, Any]) -> None:
+        """Every tracking.log_pair_images_every rounds: the kept pairs' x0_hat as scored, decoded
+        here (the scorer holds the VAE and the candidates; the trainer holds neither)."""
+        every = self.cfg.tracking.log_pair_images_every
+        if not (self.cfg.tracking.enabled and every > 0 and records.num_rows(pairs)):
+            return
+        round_index = int(rec["round"][0])
+        if (round_index + 1) % every:
+            return
+        strip = render_pair_strip(self.model, rec, pairs)
+        ray.get(self.ledger.offer_strip.remote(round_index, int(rec["prompt_id"].min()), png_bytes(strip)))
+
+
+@ray.remote
+class ValidationRenderer:
+    """Renders the per-epoch validation grid (base row above current policy row, fixed prompts
+    and seeds): it holds the policy UNet, the text encoders and a VAE, which the trainer does not
+    (under ZeRO-3 the trainer does not even hold whole weights)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], prompts: list[str], seeds: list[int]):
+        self.cfg = config_from_dict(cfg_dict)
+        _set_threads(self.cfg)
+        self.model = load_model(self.cfg, resolve_device(self.cfg), ("unet", "vae", "text"))
+        from spo_ray.training import setup_policy
+
+        self.frozen_copy = setup_policy(self.model.unet, self.cfg.train)  # LoRA: the adapter, off for the base row
+        self.prompts, self.seeds = prompts, seeds
+        self.base_images = None
+
+    def render(self, weights: dict[str, np.ndarray]) -> bytes:
+        tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+        if self.cfg.train.lora:
+            load_trainable_weights(self.model.unet, tensors, source="the published policy")
+        else:
+            self.model.unet.load_state_dict(tensors)
+        grid, self.base_images = render_validation_grid(
+            self.model, self.frozen_copy, self.prompts, self.seeds, self.cfg.sampling, base_images=self.base_images
+        )
+        return png_bytes(grid)
 
 
 # ----------------------------------------------------------------------------- the pair stream
@@ -525,6 +616,13 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
     last = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
     metrics_path = run_dir / "metrics.jsonl"
     nonfinite_in_a_row, max_lag, lags = 0, 0, []
+    # Validation grids: rendered by the renderer actor from the published weights; logged when ready.
+    renderer = None
+    if tracker is not None and tracker.active:
+        with contextlib.suppress(ValueError):  # absent when there are no validation prompts
+            renderer = ray.get_actor(actor_names(cfg)["renderer"])
+    pending_grids: list[tuple[str, Any]] = []
+    grid_position = -1
     started = time.time()
     for rnd in plan.rounds_from(position):
         if rnd.index >= last:
@@ -541,6 +639,7 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
         lags.append(round_lag)
         step_logs = []
         transitions = 0
+        t_train = time.time()
         if num_pairs:
             trans = round_transitions(pairs)
             transitions = int(pairs["seg_len"].sum())
@@ -596,10 +695,14 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
                     if cfg.train.test_delay_s:
                         time.sleep(cfg.train.test_delay_s)
             engine.eval()
+        train_seconds = time.time() - t_train
         version += 1
         weights = _published_weights(engine, cfg)
         if rank == 0:
             ray.get(store.publish.remote(version, weights))
+            if renderer is not None and (rnd.index + 1) % plan.rounds_per_epoch == 0:
+                pending_grids.append((f"epoch_{rnd.epoch}", renderer.render.remote(weights)))
+                grid_position = rnd.index + 1
         accounting.add(
             prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, trained=num_pairs,
             transitions_trained=transitions, optimizer_steps=len(step_logs),
@@ -619,6 +722,10 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
                 }
                 f.write(json.dumps(round_record) + "\n")
             if tracker is not None:
+                pending_grids = _log_ready_grids(tracker, pending_grids)
+                strip = ray.get(ledger.take_strip.remote(rnd.index))
+                if strip is not None:
+                    tracker.log_image(_image(strip), f"pairs/round_{rnd.index:07d}.png")
                 for s in step_logs:
                     tracker.log_metrics(
                         {**{k: s[k] for k in STEP_METRICS}, "score_margin": s["score_win"] - s["score_lose"],
@@ -628,6 +735,8 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
                 tracker.log_metrics(
                     {"round": rnd.index, "epoch": rnd.epoch, "policy_lag": round_lag, "kept_fraction": kept / max(events, 1),
                      "pairs_per_s": round_record["pairs_per_s"], "wait_seconds": waited, "round_loss": round_record["loss"],
+                     "busy/trainer": train_seconds / max(elapsed, 1e-9), "busy/trainer_waiting": waited / max(elapsed, 1e-9),
+                     **ray.get(ledger.round_summary.remote(rnd.index)),
                      **{f"accounting/{k}": v for k, v in accounting.to_dict().items()}},
                     step=max(global_step, tracker.last_step("round") + 1),
                 )
@@ -646,6 +755,10 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
             if tracker is not None and saved is not None and cfg.tracking.log_checkpoints:
                 tracker.log_artifact(saved, f"checkpoints/{saved.name}")
 
+    if renderer is not None and grid_position != last:
+        pending_grids.append(("final", renderer.render.remote(weights)))
+    if tracker is not None:
+        _log_ready_grids(tracker, pending_grids, wait=True)
     # Everything published; export the final policy from rank 0 (inside the collective gather).
     final_dir = run_dir / "final"
     with _gathered(engine, cfg):
@@ -663,6 +776,26 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
             tracker.register_lora(final_dir, "final")
         (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
     ray.train.report({"policy_version": version, "global_step": global_step})
+
+
+def _image(png: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
+
+
+def _log_ready_grids(tracker: RunTracker, pending: list[tuple[str, Any]], wait: bool = False) -> list[tuple[str, Any]]:
+    """Log the validation grids that are rendered (all of them with ``wait``); return the rest."""
+    still = []
+    for name, ref in pending:
+        ready, _ = ray.wait([ref], timeout=None if wait else 0)
+        if ready:
+            tracker.log_image(_image(ray.get(ref)), f"images/{name}.png")
+        else:
+            still.append((name, ref))
+    return still
 
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -771,6 +904,12 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         print(f"[spo-ray] resuming {cfg.run.name} from {resumed}", flush=True)
     store = PolicyStore.options(name=names["store"]).remote(keep=cfg.ray.max_policy_lag + 1)
     ledger = RoundLedger.options(name=names["ledger"]).remote(round_sizes, baseline)
+    coordinators = [store, ledger]
+    validation_prompts, validation_seeds = validation_set(cfg, prompts)
+    if cfg.tracking.enabled and validation_prompts:
+        coordinators.append(ValidationRenderer.options(name=names["renderer"], **_role_kwargs(cfg, "renderer")).remote(
+            cfg.to_dict(), validation_prompts, validation_seeds
+        ))
 
     def dataset_factory() -> ray.data.Dataset:
         found = latest_checkpoint(run_dir)
@@ -822,6 +961,6 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
     print("accounting: " + accounting.summary(), flush=True)
-    for actor in (store, ledger):
+    for actor in coordinators:
         ray.kill(actor)
     return result

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from .spm import (
     StepAwarePreferenceModel,
@@ -32,7 +33,10 @@ from .spm import (
 
 __all__ = [
     "SCORER_KINDS",
+    "AestheticHead",
+    "AestheticScorer",
     "BrightnessScorer",
+    "ClipScoreMetric",
     "ClipScorer",
     "PreferenceScorer",
     "StepAwareScorer",
@@ -202,14 +206,27 @@ class ClipScorer(_ClipFamilyScorer):
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
-    def _score_pixels(
-        self, pixel_values: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor
-    ) -> torch.Tensor:
+    def _cosine(self, pixel_values: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         img = _pooled(self.model.get_image_features(pixel_values=pixel_values))
         img = img / img.norm(dim=-1, keepdim=True)
         txt = text.to(img.dtype)
         txt = txt / txt.norm(dim=-1, keepdim=True)
-        return self.model.logit_scale.exp() * (img * txt).sum(dim=-1)
+        return (img * txt).sum(dim=-1)
+
+    def _score_pixels(
+        self, pixel_values: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model.logit_scale.exp() * self._cosine(pixel_values, text)
+
+
+class ClipScoreMetric(ClipScorer):
+    """CLIP score as torchmetrics' ``CLIPScore`` reports it: ``100 * max(cosine, 0)`` (Hessel et al. use
+    ``2.5 * max(cosine, 0)``); independent of the model's ``logit_scale``. Ignores the timestep."""
+
+    def _score_pixels(
+        self, pixel_values: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        return 100.0 * self._cosine(pixel_values, text).clamp(min=0.0)
 
 
 class BrightnessScorer:
@@ -282,3 +299,90 @@ def build_scorer(
     raise ValueError(
         f"unknown scorer kind {kind!r}; valid kinds: {', '.join(SCORER_KINDS)}, or 'package.module:Class'"
     )
+
+
+# ----------------------------------------------------------------------------- LAION aesthetic score
+
+AESTHETIC_WIDTHS = (1024, 128, 64, 16)  # hidden widths of the released improved-aesthetic-predictor head
+
+
+class AestheticHead(nn.Module):
+    """The LAION improved-aesthetic-predictor MLP, with the released state dict's key layout.
+
+    ``layers.0`` (in -> 1024), ``layers.2`` (1024 -> 128), ``layers.4`` (128 -> 64), ``layers.6`` (64 -> 16),
+    ``layers.7`` (16 -> 1), dropouts between (``sac+logos+ava1-l14-linearMSE.pth``: in = 768, CLIP ViT-L/14).
+    """
+
+    def __init__(self, input_dim: int = 768) -> None:
+        super().__init__()
+        self.input_dim = int(input_dim)
+        w1, w2, w3, w4 = AESTHETIC_WIDTHS
+        self.layers = nn.Sequential(
+            nn.Linear(self.input_dim, w1), nn.Dropout(0.2),
+            nn.Linear(w1, w2), nn.Dropout(0.2),
+            nn.Linear(w2, w3), nn.Dropout(0.1),
+            nn.Linear(w3, w4), nn.Linear(w4, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``[N, in]`` -> scores ``[N]``."""
+        return self.layers(embeddings).squeeze(-1)
+
+
+def load_aesthetic_head(path: str | os.PathLike, *, input_dim: int | None = None) -> AestheticHead:
+    """The head from a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
+
+    The input width comes from ``input_dim`` or else from ``layers.0.weight`` (768 for the released file), so a
+    head over another CLIP's embeddings loads too. Missing, unexpected and mis-shaped keys are listed.
+    """
+    state = read_state_dict(path)
+    first = state.get("layers.0.weight")
+    if input_dim is None:
+        input_dim = int(first.shape[1]) if first is not None and first.ndim == 2 else 768
+    head = AestheticHead(input_dim)
+    load_state_dict_strict(head, state, source=f"aesthetic head {path}")
+    return head.eval().requires_grad_(False)
+
+
+class AestheticScorer:
+    """LAION aesthetic score: CLIP image embedding (ViT-L/14 for the released head), L2-normalised, through
+    :class:`AestheticHead`. Ignores prompts and timesteps; about 1-10 (real images: ~5-6.5)."""
+
+    def __init__(
+        self,
+        clip_dir: str | os.PathLike,
+        head: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        max_batch: int = 64,
+    ) -> None:
+        from transformers import CLIPModel
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.clip_dir = resolve_clip_dir(clip_dir)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.max_batch = int(max_batch)
+        self.image_mean, self.image_std = load_image_normalization(self.clip_dir)
+        clip = CLIPModel.from_pretrained(str(self.clip_dir), local_files_only=True)
+        width = int(clip.config.projection_dim)
+        self.head = load_aesthetic_head(head)
+        if self.head.input_dim != width:
+            raise ValueError(
+                f"aesthetic head {head} takes {self.head.input_dim}-wide embeddings but the CLIP in "
+                f"{self.clip_dir} projects to {width} (the released head needs CLIP ViT-L/14)"
+            )
+        self.model = clip.requires_grad_(False).eval().to(device=self.device, dtype=self.dtype)
+        self.head = self.head.to(device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str], timesteps: Any = 0) -> torch.Tensor:
+        """float32 ``[N]`` aesthetic scores of ``images`` ``[N,3,H,W]`` in [-1, 1]."""
+        _check_inputs(images, prompts, timesteps)
+        out = [torch.empty(0, dtype=torch.float32)]
+        for i in range(0, images.shape[0], self.max_batch):
+            px = preprocess_images(images[i : i + self.max_batch].to(self.device), mean=self.image_mean, std=self.image_std)
+            emb = _pooled(self.model.get_image_features(pixel_values=px.to(self.dtype))).float()
+            out.append(self.head(emb / emb.norm(dim=-1, keepdim=True)).cpu())
+        return torch.cat(out).to(images.device)

@@ -47,6 +47,7 @@ class ScoringStats:
     # Per input row (prompt): pools kept, and (events, kept) per timestep bucket. The Ray engine
     # reports these per prompt so that redone work is counted once.
     kept_per_row: list[int] = field(default_factory=list)
+    score_sum_per_row: list[float] = field(default_factory=list)  # over the row's k * S candidates
     buckets_per_row: list[dict[str, tuple[int, int]]] = field(default_factory=list)
 
     def add(self, other: ScoringStats) -> None:
@@ -117,6 +118,7 @@ class PoolScorer:
                 stats.events_by_bucket[bucket] = stats.events_by_bucket.get(bucket, 0) + 1
                 stats.kept_by_bucket[bucket] = stats.kept_by_bucket.get(bucket, 0) + int(keep[b, s])
             stats.kept_per_row.append(int(keep[b].sum()))
+            stats.score_sum_per_row.append(float(scores[b].sum()))
             stats.buckets_per_row.append(row)
 
         rows_b, rows_s = keep.nonzero(as_tuple=True)

@@ -128,26 +128,32 @@ def _text_encoder(tokenizer, *, projection: bool, hidden_act: str):
     return model.eval()
 
 
-def _unet(kind: str):
-    from diffusers import UNet2DConditionModel
+# Random-weight model sizes built by this module: "tiny" for tests; "bench", where UNet compute
+# dominates a CPU run (widths 128/256, 32x32 latents), for `spo-ray bench`. The tiny shapes are fixed
+# (tests depend on them); the VAE and text encoders stay tiny in both.
+SIZES = {
+    "tiny": {"block_out_channels": (32, 64), "sample_size": UNET_SAMPLE_SIZE, "attention_head_dim": 2},
+    "bench": {"block_out_channels": (128, 256), "sample_size": 32, "attention_head_dim": 8},
+}
 
+
+def unet_config(kind: str, size: str = "tiny") -> dict:
+    """The UNet2DConditionModel config of a tiny/bench ``kind`` pipeline (also for FLOP counting)."""
     common = dict(
-        sample_size=UNET_SAMPLE_SIZE,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=32,
-        attention_head_dim=2,
+        **SIZES[size],
     )
     if kind == "sd15":
-        return UNet2DConditionModel(
+        return dict(
             **common,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=TEXT_HIDDEN,
         )
-    return UNet2DConditionModel(
+    return dict(
         **common,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -160,12 +166,17 @@ def _unet(kind: str):
     )
 
 
-def _vae(kind: str):
-    from diffusers import AutoencoderKL
+def _unet(kind: str, size: str = "tiny"):
+    from diffusers import UNet2DConditionModel
 
+    return UNet2DConditionModel(**unet_config(kind, size))
+
+
+def vae_config(kind: str, size: str = "tiny") -> dict:
+    """The AutoencoderKL config of a tiny/bench ``kind`` pipeline (also for FLOP counting)."""
     # 4 levels: the real scale factor 8, so code never gets away with assuming otherwise
     # (latents 8x8 -> 64x64 images), with few channels to stay fast on a CPU.
-    return AutoencoderKL(
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -174,10 +185,16 @@ def _vae(kind: str):
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
-        sample_size=UNET_SAMPLE_SIZE * 8,
+        sample_size=SIZES[size]["sample_size"] * 8,
         scaling_factor=VAE_SCALING[kind],
         force_upcast=kind == "sdxl",
     )
+
+
+def _vae(kind: str, size: str = "tiny"):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**vae_config(kind, size))
 
 
 def _scheduler():
@@ -196,8 +213,10 @@ def _scheduler():
     )
 
 
-def build_tiny_pipeline(kind: str, save_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_pipeline(kind: str, save_dir: str | Path, *, seed: int = 0, size: str = "tiny") -> Path:
     """Build a tiny ``kind`` ("sd15" | "sdxl") pipeline with random weights into ``save_dir``.
+
+    ``size`` is a key of :data:`SIZES` ("bench": a wider UNet at 32x32 latents for benchmarks).
 
     Weights are a pure function of ``seed`` (the global RNG state is restored afterwards).
     Returns the directory, which then holds ``model_index.json`` and one subfolder per component.
@@ -212,7 +231,7 @@ def build_tiny_pipeline(kind: str, save_dir: str | Path, *, seed: int = 0) -> Pa
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer")
         text_encoder = _text_encoder(tokenizer, projection=False, hidden_act="quick_gelu")
-        unet, vae, scheduler = _unet(kind), _vae(kind), _scheduler()
+        unet, vae, scheduler = _unet(kind, size), _vae(kind, size), _scheduler()
         if kind == "sd15":
             pipe = StableDiffusionPipeline(
                 vae=vae,
@@ -244,17 +263,17 @@ def build_tiny_pipeline(kind: str, save_dir: str | Path, *, seed: int = 0) -> Pa
         for name in ("tokenizer", "tokenizer_2") if kind == "sdxl" else ("tokenizer",):
             for file in ("vocab.json", "merges.txt"):
                 shutil.copyfile(Path(tmp) / name / file, save_dir / name / file)
-    (save_dir / _STAMP).write_text(json.dumps({"kind": kind, "version": TINY_VERSION, "seed": seed}))
+    (save_dir / _STAMP).write_text(json.dumps({"kind": kind, "version": TINY_VERSION, "seed": seed, "size": size}))
     return save_dir
 
 
-def _is_complete(path: Path, kind: str) -> bool:
+def _is_complete(path: Path, kind: str, size: str = "tiny") -> bool:
     """A cached tiny pipeline is usable if its stamp matches and every component is there."""
     try:
         stamp = json.loads((path / _STAMP).read_text())
     except (OSError, ValueError):
         return False
-    if stamp.get("kind") != kind or stamp.get("version") != TINY_VERSION:
+    if stamp.get("kind") != kind or stamp.get("version") != TINY_VERSION or stamp.get("size", "tiny") != size:
         return False
     return (path / "model_index.json").is_file() and all((path / sub).is_dir() for sub in _SUBFOLDERS[kind])
 
@@ -297,14 +316,16 @@ def build_cached(target: Path, build: Callable[[Path], object], is_current: Call
     return target
 
 
-def ensure_tiny_pipeline(kind: str) -> Path:
-    """Path of the cached tiny ``kind`` pipeline (``<tiny_cache_dir()>/tiny-<kind>``), built once if needed."""
+def ensure_tiny_pipeline(kind: str, size: str = "tiny") -> Path:
+    """Path of the cached ``size`` ``kind`` pipeline (``<tiny_cache_dir()>/<size>-<kind>``), built once if needed."""
     if kind not in KINDS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {KINDS}")
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; expected one of {tuple(SIZES)}")
     return build_cached(
-        tiny_cache_dir() / f"tiny-{kind}",
-        lambda tmp: build_tiny_pipeline(kind, tmp),
-        lambda path: _is_complete(path, kind),
+        tiny_cache_dir() / f"{size}-{kind}",
+        lambda tmp: build_tiny_pipeline(kind, tmp, size=size),
+        lambda path: _is_complete(path, kind, size),
     )
 
 

@@ -222,6 +222,21 @@ def pair_strip(
     return strip
 
 
+def validation_set(cfg: SPOConfig, prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The fixed validation prompts (configured, else the first 4 of the set) and their seeds."""
+    chosen = list(cfg.tracking.validation_prompts) or list(prompts[:4])
+    return chosen, list(range(len(chosen)))
+
+
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes (how rendered images travel between Ray actors)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def render_validation_grid(
     model: Any,
     frozen_copy: Any,

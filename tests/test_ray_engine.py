@@ -71,6 +71,7 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     proc = submit_job(
         ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15",
         f"run.output_dir={tmp_path}", "run.max_rounds=3", *TWO_SAMPLERS_TWO_TRAINERS, "train.test_delay_s=2.0",
+        "tracking.log_pair_images_every=1",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout.lower()
@@ -95,6 +96,20 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     assert len(losses) == summary["accounting"]["optimizer_steps"]
     assert len({m.step for m in losses}) == len(losses)
     assert len(client.get_metric_history(run.info.run_id, "policy_lag")) == 3
+    # Per-round metrics as the in-process engine names them: mean score, kept fraction per
+    # timestep bucket (tiny SD1.5 scores every pool at t0, the finished image), trainer busy fraction.
+    for name in ("mean_score", "kept_fraction/t0", "busy/trainer"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 3, name
+    assert all(0 <= m.value <= 1 for m in client.get_metric_history(run.info.run_id, "busy/trainer"))
+    # Images: the renderer actor's validation grid (3 of 4 rounds: no epoch ended, so "final"),
+    # 4 prompts, base row above policy row, 64 px tiles; the scorers' win/lose strips per round.
+    from PIL import Image
+
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    with Image.open(artifacts / "images" / "final.png") as grid:
+        assert grid.format == "PNG" and grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+    strips = sorted(p.name for p in (artifacts / "pairs").glob("*.png"))
+    assert strips and set(strips) <= {f"round_{r:07d}.png" for r in range(3)}
     assert lora_changes_pipeline("sd15", run_dir / "final") > 1e-4
 
 

@@ -1,0 +1,221 @@
+"""Per-role metering shared by both engines (busy time, work counters, bytes per hop, peak memory).
+
+A :class:`RoleMeter` lives in each role's process (a sampler/scorer actor, a trainer worker, or
+the one in-process engine). It accumulates busy seconds, counters (``unet_forwards``,
+``images_scored``, ``optimizer_steps``, ...) and the bytes a role hands to the next one next to
+that hop's tensor minimum. On Ray every meter sends its cumulative snapshot to a small named
+actor per run (:class:`TelemetrySink`, like the RoundLedger); the driver (or trainer rank 0, for
+MLflow) reads them with :func:`collect`.
+
+    meter = RoleMeter("sampler")
+    with meter.busy():
+        ...
+    meter.add(unet_forwards=130)
+    report(sink, meter)            # Ray: fire-and-forget; the latest snapshot per actor wins
+    collect(run_name)              # {"roles": {...}, "window": ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+ROLES = ("sampler", "scorer", "trainer")
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """This process' peak RSS (and peak CUDA allocation when a GPU is in use)."""
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+    except Exception:  # noqa: BLE001 - memory is best effort, never a reason to fail a run
+        pass
+    return out
+
+
+@dataclass
+class RoleMeter:
+    """One process' metering of one role. Times are wall-clock (``time.time``) so meters in
+    different processes of one node line up on a common window."""
+
+    role: str
+    actor: str = field(default_factory=lambda: f"pid{os.getpid()}")
+    busy_seconds: float = 0.0
+    first_start: float | None = None  # the first busy interval's start
+    last_end: float | None = None  # the last busy interval's end
+    counters: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.record(started, time.time())
+
+    def record(self, started: float, ended: float, **counts: float) -> None:
+        """A busy interval [started, ended] (wall clock) and the work done in it."""
+        self.busy_seconds += max(ended - started, 0.0)
+        self.first_start = started if self.first_start is None else min(self.first_start, started)
+        self.last_end = ended if self.last_end is None else max(self.last_end, ended)
+        self.add(**counts)
+
+    def add(self, **counts: float) -> None:
+        for key, value in counts.items():
+            self.counters[key] = self.counters.get(key, 0) + value
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**asdict(self), **peak_memory_bytes(), "time": time.time()}
+
+
+# ----------------------------------------------------------------------------- bytes per hop
+
+
+def payload_bytes(batch: dict[str, Any]) -> int:
+    """Bytes of a numpy batch as Ray Data carries it: tensor buffers, plus UTF-8 text for string
+    columns (an Arrow block of fixed-shape tensor columns holds exactly these buffers)."""
+    total = 0
+    for value in batch.values():
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            total += sum(len(str(v).encode()) for v in arr.ravel())
+        else:
+            total += arr.nbytes
+    return total
+
+
+def _cond_elements(batch: dict[str, Any]) -> int:
+    return sum(int(np.prod(np.shape(v))) for k, v in batch.items() if k.startswith("cond_"))
+
+
+def trajectory_min_bytes(rec: dict[str, Any], itemsize: int) -> int:
+    """Sampler -> scorer minimum: per segment x_t, each candidate's states (k x seg_len) and its
+    x0_hat, plus the conditioning once per prompt, at ``itemsize`` bytes per element."""
+    chw = int(np.prod(np.shape(rec["x_t"])[2:]))
+    k = int(np.shape(rec["x0_hat"])[2])
+    seg_len = np.asarray(rec["seg_len"]).astype(np.int64)  # [B, S]
+    per_segment = 1 + k * seg_len + k
+    return int(per_segment.sum()) * chw * itemsize + _cond_elements(rec) * itemsize
+
+
+def pair_min_bytes(pairs: dict[str, Any], itemsize: int) -> int:
+    """Scorer -> trainer minimum: per kept pair x_t, the winner's and loser's seg_len states, and
+    the conditioning."""
+    if len(pairs.get("pair_id", ())) == 0:
+        return 0
+    chw = int(np.prod(np.shape(pairs["x_t"])[1:]))
+    seg_len = np.asarray(pairs["seg_len"]).astype(np.int64)
+    return int((1 + 2 * seg_len).sum()) * chw * itemsize + _cond_elements(pairs) * itemsize
+
+
+# ----------------------------------------------------------------------------- Ray side
+
+
+def sink_name(run_name: str) -> str:
+    return f"spo-telemetry-{run_name}"
+
+
+class TelemetrySink:
+    """Named per-run actor: the latest cumulative snapshot of every (role, actor)."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def report(self, snapshot: dict[str, Any]) -> None:
+        self.snapshots.setdefault(snapshot["role"], {})[snapshot["actor"]] = snapshot
+
+    def all(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return self.snapshots
+
+
+def start_sink(run_name: str):
+    """Create the run's sink (a previous attempt's is replaced); returns its handle."""
+    import ray
+
+    name = sink_name(run_name)
+    with contextlib.suppress(ValueError):
+        ray.kill(ray.get_actor(name))
+    return ray.remote(num_cpus=0)(TelemetrySink).options(name=name).remote()
+
+
+def connect(run_name: str):
+    """The run's sink, or None when the driver started none (telemetry is optional)."""
+    import ray
+
+    try:
+        return ray.get_actor(sink_name(run_name))
+    except ValueError:
+        return None
+
+
+def report(sink, meter: RoleMeter, *, wait: bool = False) -> None:
+    """Send ``meter``'s snapshot (fire-and-forget unless ``wait``: a process about to exit waits)."""
+    if sink is None:
+        return
+    ref = sink.report.remote(meter.snapshot())
+    if wait:
+        import ray
+
+        ray.get(ref)
+
+
+def metered_train_loop(train_loop, run_name: str):
+    """Wrap a Ray Train loop so each worker reports its trainer snapshot (peak memory) on exit;
+    busy time and optimizer steps come from the trainer's own round records."""
+
+    def loop(config: dict[str, Any]) -> None:
+        import ray.train
+
+        meter = RoleMeter("trainer", actor=f"rank{ray.train.get_context().get_world_rank()}")
+        try:
+            train_loop(config)
+        finally:
+            report(connect(run_name), meter, wait=True)
+
+    return loop
+
+
+def collect(run_name: str) -> dict[str, Any]:
+    """Every role's snapshots of a running (or just finished) Ray run, summarised per role."""
+    import ray
+
+    sink = connect(run_name)
+    if sink is None:
+        return {}
+    return summarize(ray.get(sink.all.remote()))
+
+
+def summarize(snapshots: dict[str, dict[str, dict[str, Any]]], window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Per role: actors, summed counters and busy seconds, peak memory (max over actors) and the
+    busy fraction over a common window (default: first busy start to last busy end, all roles)."""
+    starts = [s["first_start"] for role in snapshots.values() for s in role.values() if s.get("first_start")]
+    ends = [s["last_end"] for role in snapshots.values() for s in role.values() if s.get("last_end")]
+    if window is None and starts and ends:
+        window = (min(starts), max(ends))
+    span = max(window[1] - window[0], 1e-9) if window else None
+    roles: dict[str, Any] = {}
+    for role, actors in snapshots.items():
+        counters: dict[str, float] = {}
+        for snap in actors.values():
+            for key, value in snap.get("counters", {}).items():
+                counters[key] = counters.get(key, 0) + value
+        busy = sum(s.get("busy_seconds", 0.0) for s in actors.values())
+        roles[role] = {
+            "actors": len(actors),
+            "busy_seconds": busy,
+            "busy_fraction": (busy / (span * len(actors))) if span and actors else None,
+            "counters": counters,
+            "peak_rss_bytes": max((s.get("peak_rss_bytes", 0) for s in actors.values()), default=0),
+            "peak_cuda_bytes": max((s.get("peak_cuda_bytes", 0) for s in actors.values()), default=0),
+        }
+    return {"roles": roles, "window": list(window) if window else None}
