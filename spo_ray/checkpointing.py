@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +79,25 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return state, weights, optimizer
 
 
+def trainable_mismatch(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size]) -> str | None:
+    """What differs between the trainable parameters' names/shapes and a checkpoint's (None: it fits)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = sorted(n for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
+    details = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if names:
+            details.append(f"{label} ({len(names)}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    return "; ".join(details) or None
+
+
 def load_trainable_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: str) -> None:
     """Copy saved trainable weights into ``module``; names or shapes that do not fit are an error."""
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(set(weights) - set(params))
-    wrong_shape = sorted(n for n in set(params) & set(weights) if params[n].shape != weights[n].shape)
-    if missing or unexpected or wrong_shape:
-        details = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if names:
-                details.append(f"{label} ({len(names)}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    problem = trainable_mismatch({n: p.shape for n, p in params.items()}, {n: w.shape for n, w in weights.items()})
+    if problem:
         raise ValueError(
-            f"checkpoint {source} does not fit the model (different LoRA rank/targets or base model?): "
-            + "; ".join(details)
+            f"checkpoint {source} does not fit the model (different LoRA rank/targets or base model?): {problem}"
         )
     with torch.no_grad():
         for name, param in params.items():

@@ -4,6 +4,8 @@
     spo-ray train --preset tiny-sd15 --engine ray
     spo-ray presets
     spo-ray compare --experiment spo-ray [--runs ID ...] [--tracking-uri URI] [--out DIR] [--metrics loss ...]
+    spo-ray evaluate --preset eval-tiny [tuned.NAME=RUN/final ...] [section.key=value ...]
+    spo-ray bench --size bench --samplers 1 2 4 --rounds 4 --out bench-out
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     compare.add_argument("--out", default=None, metavar="DIR", help="where the table and PNGs go (default ./compare-<time>)")
     compare.add_argument("--metrics", nargs="+", default=None, help="default: loss mean_score (eval/* always added)")
+    evaluate = sub.add_parser("evaluate", help="evaluate base vs tuned models in the paper's format (on Ray)")
+    add_config_arguments(evaluate, default_preset="eval-tiny")  # eval-* presets; tuned.NAME=RUN/final adds a model
+    bench = sub.add_parser("bench", help="benchmark both engines on identical work (starts a local Ray cluster)")
+    bench.add_argument("--size", choices=["tiny", "bench", "sd15", "sdxl"], default="bench")
+    bench.add_argument("--samplers", nargs="+", type=int, default=[1, 2, 4], help="Ray sampler actors per run")
+    bench.add_argument("--engines", nargs="+", choices=["in-process", "ray"], default=["in-process", "ray"])
+    bench.add_argument("--rounds", type=int, default=4)
+    bench.add_argument("--prompts-per-round", type=int, default=4)
+    bench.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    bench.add_argument("--out", default="bench-out", metavar="DIR", help="bench.json and bench.md go here")
+    bench.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    bench.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     return parser
 
 
@@ -47,6 +61,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         return compare_main(args)
+    if args.command == "evaluate":
+        from spo_ray.evaluation import run_cli
+
+        return run_cli(args)
+    if args.command == "bench":
+        from spo_ray.bench import BenchOptions, run_bench
+
+        result = run_bench(BenchOptions(
+            size=args.size, samplers=args.samplers, engines=args.engines, rounds=args.rounds,
+            prompts_per_round=args.prompts_per_round, steps=args.steps, out=args.out, flops=not args.no_flops,
+            overrides=args.overrides,
+        ))
+        print(result["markdown"], end="")
+        return 0
     try:
         cfg = load_config(args.preset, config_file=args.config, overrides=args.overrides)
     except ConfigError as err:
@@ -54,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "train":
         if args.engine == "ray":
+            from spo_ray.preflight import InputError
             from spo_ray.ray_engine import run_on_ray
 
-            result = run_on_ray(cfg)
+            try:
+                result = run_on_ray(cfg)
+            except InputError as err:
+                print(f"spo-ray: {err}", file=sys.stderr)
+                return 2
         else:
             from spo_ray.local_engine import run_in_process
 
@@ -99,12 +132,12 @@ def job_main(default_preset: str, argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"spo-ray: {err}", file=sys.stderr)
         return 2
-    from spo_ray.prompts import PromptFileError
+    from spo_ray.preflight import InputError
     from spo_ray.ray_engine import run_on_ray
 
     try:
         result = run_on_ray(cfg)
-    except PromptFileError as err:
+    except InputError as err:  # raised before any cluster resource is requested
         print(f"spo-ray: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

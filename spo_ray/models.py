@@ -455,6 +455,29 @@ def _check_local_layout(
             f"(a diffusers {kind} pipeline loaded for components {tuple(components)} needs "
             f"{', '.join(s + '/' for s in expected)})"
         )
+    missing_files = []
+    for sub in expected:
+        needs = _REQUIRED_FILES[sub.removesuffix("_2")]
+        if sub in ("unet", "vae") and sub not in components:
+            needs = needs[:1]  # only the config is read for a component that is not loaded
+        for alternatives in needs:
+            if not any((root / sub / name).is_file() for name in alternatives):
+                missing_files.append(f"{sub}/{' or '.join(alternatives)}")
+    if missing_files:
+        raise FileNotFoundError(f"{root} is missing file(s): {'; '.join(missing_files)}")
+
+
+# What each component subfolder must hold (one of each tuple): a config and weights.
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors")
+_REQUIRED_FILES: dict[str, list[tuple[str, ...]]] = {
+    "scheduler": [("scheduler_config.json",)],
+    "unet": [("config.json",), _WEIGHTS],
+    "vae": [("config.json",), _WEIGHTS],
+    "text_encoder": [("config.json",), ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                        "model.fp16.safetensors")],
+    "tokenizer": [("vocab.json", "tokenizer.json"), ("merges.txt", "tokenizer.json")],
+}
 
 
 def load_diffusion_model(

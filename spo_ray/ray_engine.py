@@ -35,26 +35,24 @@ import ray.train
 import ray.train.torch
 import torch
 
-from spo_ray import records
+from spo_ray import records, telemetry
 from spo_ray.accounting import Accounting
 from spo_ray.checkpointing import latest_checkpoint, load_trainable_weights, trainable_state
 from spo_ray.components import (
     build_pool_scorer,
     load_model,
-    load_prompt_set,
     prompt_plan,
     resolve_device,
 )
 from spo_ray.config import SPOConfig, config_from_dict
 from spo_ray.export import export_policy
+from spo_ray.preflight import preflight
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.tracking import (
     RunTracker,
-    check_reachable,
     png_bytes,
     render_pair_strip,
     render_validation_grid,
-    resolve_tracking_uri,
     validation_set,
 )
 from spo_ray.training import (
@@ -96,6 +94,12 @@ class PolicyStore:
                 del self.versions[old]
             self.changed.notify_all()
 
+    async def reset(self) -> None:
+        """Forget every version (a restarted stream): samplers wait until the trainer publishes the
+        checkpoint's version, instead of sampling with weights the crash threw away."""
+        async with self.changed:
+            self.versions = {}
+
     async def rollback(self, version: int, weights: dict[str, np.ndarray]) -> None:
         async with self.changed:
             self.versions = {version: weights}
@@ -130,8 +134,27 @@ class RoundLedger:
         self.scored: dict[int, dict[int, ScoredPrompt]] = {}
         self.duplicates = 0
         self.strips: dict[int, tuple[int, bytes]] = {}  # round -> (smallest prompt id, PNG)
+        # Each (re)built stream is a generation; after a trainer restart the rounds from the
+        # checkpoint's position are redone, and what was scored for them before is set apart.
+        self.generation = 0
+        self.redone = {"prompts": 0, "scoring_events": 0, "kept": 0, "rejected": 0}
+        self.stale_reports = 0
 
-    def report(self, round_index: int, rows: list[ScoredPrompt]) -> None:
+    def begin_stream(self, position: int) -> int:
+        """A new stream from prompt-plan ``position`` (round index): returns its generation."""
+        self.generation += 1
+        for round_index in [r for r in self.scored if r >= position]:
+            for row in self.scored.pop(round_index).values():
+                for key, value in (("prompts", 1), ("scoring_events", row.events), ("kept", row.kept),
+                                   ("rejected", row.rejected)):
+                    self.redone[key] += value
+            self.strips.pop(round_index, None)
+        return self.generation
+
+    def report(self, round_index: int, rows: list[ScoredPrompt], generation: int = 0) -> None:
+        if generation != self.generation:  # a dead stream's scorer finishing late: not counted
+            self.stale_reports += len(rows)
+            return
         seen = self.scored.setdefault(round_index, {})
         for row in rows:
             if row.prompt_id in seen:
@@ -173,6 +196,8 @@ class RoundLedger:
             "kept": base.get("kept", 0) + sum(r.kept for r in rows),
             "rejected": base.get("rejected", 0) + sum(r.rejected for r in rows),
             "duplicate_reports": self.duplicates,
+            "redone_after_restart": dict(self.redone),
+            "stale_reports": self.stale_reports,
             "by_bucket": {b: list(v) for b, v in _bucket_totals(rows).items()},
         }
 
@@ -229,6 +254,7 @@ class SamplerWorker:
         self.store = ray.get_actor(actor_names(self.cfg)["store"])
         self.version = -1
         self.busy_seconds = 0.0
+        self.meter, self.telemetry = telemetry.RoleMeter("sampler"), telemetry.connect(self.cfg.run.name)
 
     def _sync_policy(self, round_index: int) -> None:
         min_version = max(round_index - self.cfg.ray.max_policy_lag, 0)
@@ -245,7 +271,7 @@ class SamplerWorker:
         for i in range(len(batch["round"])):
             round_index = int(batch["round"][i])
             self._sync_policy(round_index)
-            started = time.perf_counter()
+            started, wall_started, forwards = time.perf_counter(), time.time(), self.sampler.unet_forwards
             prompt_ids = [int(p) for p in batch["prompt_ids"][i]]
             prompts = [str(p) for p in batch["prompts"][i]]
             rec = self.sampler.sample(
@@ -253,22 +279,30 @@ class SamplerWorker:
             )
             out = records.to_numpy(rec)
             out["sampler_seconds"] = np.full(len(prompts), (time.perf_counter() - started) / len(prompts))
+            self.meter.record(  # sampler -> scorer hop: the yielded block against its tensor minimum
+                wall_started, time.time(), unet_forwards=self.sampler.unet_forwards - forwards, prompts=len(prompts),
+                bytes_out=telemetry.payload_bytes(out),
+                min_bytes_out=telemetry.trajectory_min_bytes(out, self.model.dtype.itemsize),
+            )
+            telemetry.report(self.telemetry, self.meter)
             yield out
 
 
 class ScorerWorker:
     """Ray Data actor: VAE decoder + preference model; trajectory records -> kept pairs."""
 
-    def __init__(self, cfg_dict: dict[str, Any]):
+    def __init__(self, cfg_dict: dict[str, Any], generation: int = 0):
         self.cfg = config_from_dict(cfg_dict)
+        self.generation = generation
         _set_threads(self.cfg)
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("vae",))
         self.pool_scorer = build_pool_scorer(self.cfg, self.model, device)
         self.ledger = ray.get_actor(actor_names(self.cfg)["ledger"])
+        self.meter, self.telemetry = telemetry.RoleMeter("scorer"), telemetry.connect(self.cfg.run.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.perf_counter()
+        started, wall_started = time.perf_counter(), time.time()
         sampler_seconds = batch.pop("sampler_seconds", None)
         rec = records.to_torch(batch)
         pairs, stats = self.pool_scorer(rec)
@@ -285,13 +319,18 @@ class ScorerWorker:
                 prompt_id, events_per_row, kept, events_per_row - kept, stats.buckets_per_row[b],
                 stats.score_sum_per_row[b], images_per_row,
             ))
-        ray.get([self.ledger.report.remote(r, rows) for r, rows in by_round.items()])
+        ray.get([self.ledger.report.remote(r, rows, self.generation) for r, rows in by_round.items()])
         out = records.to_numpy(pairs)
         n = records.num_rows(pairs)
         out["score_mean"] = np.full(n, stats.mean_score, dtype=np.float32)
         out["scorer_seconds"] = np.full(n, time.perf_counter() - started, dtype=np.float64)
         if sampler_seconds is not None:
             out["sampler_seconds"] = np.full(n, float(np.sum(sampler_seconds)), dtype=np.float64)
+        self.meter.record(  # scorer -> trainer hop: the returned block against its tensor minimum
+            wall_started, time.time(), images_scored=stats.images, scoring_events=stats.events, kept=stats.kept,
+            bytes_out=telemetry.payload_bytes(out), min_bytes_out=telemetry.pair_min_bytes(out, self.model.dtype.itemsize),
+        )
+        telemetry.report(self.telemetry, self.meter)
         return out
 
     def _offer_pair_strip(self, rec: dict[str, Any], pairs: dict[str, Any]) -> None:
@@ -365,8 +404,9 @@ def _role_kwargs(cfg: SPOConfig, role: str) -> dict[str, Any]:
     return kwargs
 
 
-def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int) -> ray.data.Dataset:
-    """The stream from the prompt plan's ``position`` on (rebuilt at every trainer restart)."""
+def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int, generation: int = 0) -> ray.data.Dataset:
+    """The stream from the prompt plan's ``position`` on (rebuilt at every trainer restart; its
+    scorers report to the ledger under ``generation``)."""
     rows = plan_rows(cfg, len(prompts), prompts, position)
     cfg_dict = cfg.to_dict()
     ds = ray.data.from_items(rows, override_num_blocks=max(len(rows), 1))
@@ -380,7 +420,7 @@ def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int) -> ray.
     )
     ds = ds.map_batches(
         ScorerWorker,
-        fn_constructor_kwargs={"cfg_dict": cfg_dict},
+        fn_constructor_kwargs={"cfg_dict": cfg_dict, "generation": generation},
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_scorers),
@@ -567,6 +607,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         load_trainable_weights(model.unet, weights, source=str(resumed))
         position, version = state["position"], state["policy_version"]
         accounting = Accounting(**state["accounting"])
+        if rank == 0:
+            print(f"[spo-ray] trainer resumed from {resumed} (prompt-plan position {position}, "
+                  f"policy version {version})", flush=True)
     params = trainable_parameters(model.unet)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
@@ -879,10 +922,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    prompt_set = load_prompt_set(cfg)  # bad input fails here, before any cluster resource
-    prompts = prompt_set.prompts
-    if cfg.tracking.enabled:
-        check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails fast
+    prompts = preflight(cfg).prompts  # bad input fails here, before any cluster resource
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -904,7 +944,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         print(f"[spo-ray] resuming {cfg.run.name} from {resumed}", flush=True)
     store = PolicyStore.options(name=names["store"]).remote(keep=cfg.ray.max_policy_lag + 1)
     ledger = RoundLedger.options(name=names["ledger"]).remote(round_sizes, baseline)
-    coordinators = [store, ledger]
+    coordinators = [store, ledger, telemetry.start_sink(cfg.run.name)]  # the sink: per-role metering
     validation_prompts, validation_seeds = validation_set(cfg, prompts)
     if cfg.tracking.enabled and validation_prompts:
         coordinators.append(ValidationRenderer.options(name=names["renderer"], **_role_kwargs(cfg, "renderer")).remote(
@@ -912,16 +952,21 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         ))
 
     def dataset_factory() -> ray.data.Dataset:
+        # Called by Ray Train before each worker-group start, before the train loop runs: the
+        # store forgets the lost versions (rank 0 republishes the checkpoint's) and the ledger sets
+        # the redone rounds' earlier counts apart.
         found = latest_checkpoint(run_dir)
         position = json.loads((found / "state.json").read_text())["position"] if found else 0
-        return build_pair_stream(cfg, prompts, position)
+        ray.get(store.reset.remote())
+        generation = ray.get(ledger.begin_stream.remote(position))
+        return build_pair_stream(cfg, prompts, position, generation)
 
     trainer_res = cfg.ray.trainer
     resources = {"CPU": trainer_res.num_cpus, **trainer_res.resources}
     if trainer_res.num_gpus:
         resources["GPU"] = trainer_res.num_gpus
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        telemetry.metered_train_loop(train_loop_per_worker, cfg.run.name),
         train_loop_config={"cfg": cfg.to_dict(), "prompts": prompts},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_trainers, use_gpu=bool(trainer_res.num_gpus), resources_per_worker=resources
@@ -955,9 +1000,12 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
             if t["kept"] != totals["kept"] else []
         ),
         "redone_reports": totals["duplicate_reports"],
+        "redone_after_restart": totals["redone_after_restart"],
+        "stale_reports": totals["stale_reports"],
         "kept_by_bucket": totals["by_bucket"],
         "gate": gate,
         "seconds": time.time() - started,
+        "telemetry": telemetry.collect(cfg.run.name),
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
     print("accounting: " + accounting.summary(), flush=True)

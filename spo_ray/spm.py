@@ -132,7 +132,7 @@ def _pooled(out: object) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a plain state dict from ``.safetensors`` or a torch file (``torch.load(weights_only=True)``).
 
     Any read failure (truncated / corrupt / not a state dict) becomes a :class:`CheckpointLoadError` naming the
@@ -147,7 +147,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd = load_file(str(p), device="cpu")
         else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            # mmap: key names and shapes without reading every weight (a preflight check)
+            sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # any reader failure means the same thing to the user
         raise CheckpointLoadError(f"could not read checkpoint {p}: {type(e).__name__}: {e}") from e
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
@@ -164,19 +165,17 @@ def _list_keys(keys: Sequence[str], limit: int = 20) -> str:
     return f"{len(keys)} key(s): {shown}{more}"
 
 
-def load_state_dict_strict(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = ""
-) -> None:
-    """Load ``state_dict`` into ``module`` strictly, with readable errors.
+def state_dict_problems(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, check_buffer_values: bool = True
+) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of ``state_dict`` against ``module``, listed.
 
-    Missing keys, unexpected keys and shape mismatches are errors that list the offending names. The one
-    tolerated extra: buffers the module has but does not persist (``position_ids`` in transformers >= 4.31)
-    are accepted when their values equal the module's own, since older checkpoints (the released SPM files)
-    carry them.
+    The one tolerated extra: buffers the module has but does not persist (``position_ids`` in
+    transformers >= 4.31), accepted when their values equal the module's own (not comparable for a
+    meta-device module: ``check_buffer_values=False``), since the released SPM files carry them.
     """
     own = module.state_dict()
     buffers = dict(module.named_buffers())
-    where = f" in {source}" if source else ""
     missing = [k for k in own if k not in state_dict]
     unexpected: list[str] = []
     differing: list[str] = []
@@ -186,7 +185,9 @@ def load_state_dict_strict(
         b = buffers.get(k)
         if b is None:
             unexpected.append(k)
-        elif b.shape != v.shape or not torch.equal(b.detach().cpu(), v.to(dtype=b.dtype, device="cpu")):
+        elif b.shape != v.shape or (
+            check_buffer_values and not torch.equal(b.detach().cpu(), v.to(dtype=b.dtype, device="cpu"))
+        ):
             differing.append(k)
     mismatched = [
         f"{k} (checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)})"
@@ -202,8 +203,18 @@ def load_state_dict_strict(
         problems.append(f"extra buffers whose values differ from the model's: {_list_keys(differing)}")
     if mismatched:
         problems.append(f"shape mismatch for {_list_keys(mismatched)}")
+    return problems
+
+
+def load_state_dict_strict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = ""
+) -> None:
+    """Load ``state_dict`` into ``module`` strictly; any of :func:`state_dict_problems` is an error."""
+    problems = state_dict_problems(module, state_dict)
     if problems:
+        where = f" in {source}" if source else ""
         raise CheckpointLoadError(f"checkpoint{where} does not match the model: " + "; ".join(problems))
+    own = module.state_dict()
     module.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
 

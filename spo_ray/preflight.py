@@ -1,0 +1,139 @@
+"""Checks of everything a user gives, run before any cluster resource is requested.
+
+The Ray engine's driver runs :func:`preflight` first: a bad prompt file, a model directory
+missing files, an SPM checkpoint with the wrong keys, a checkpoint that does not fit the model on
+resume, or an unreachable MLflow server is then a clear error in the job's first seconds instead
+of a crash inside an actor minutes later. Nothing here loads model weights: models are built on
+the meta device and checkpoints are read for their key names and shapes only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from spo_ray.checkpointing import latest_checkpoint, trainable_mismatch
+from spo_ray.components import load_prompt_set
+from spo_ray.config import SPOConfig
+from spo_ray.prompts import PromptSet, truncate_prompts
+
+log = logging.getLogger("spo_ray")
+
+
+class InputError(ValueError):
+    """Something the user gave is unusable; the message names it and what is wrong."""
+
+
+def preflight(cfg: SPOConfig) -> PromptSet:
+    """Validate the run's inputs; returns the prompt set, cut to the text encoder's context.
+
+    Raises :class:`InputError` (with the underlying error chained) for any bad input.
+    """
+    from spo_ray.spm import CheckpointLoadError
+    from spo_ray.tracking import TrackingError, check_reachable, resolve_tracking_uri
+
+    try:
+        prompt_set = load_prompt_set(cfg)  # missing / empty / undecodable file
+        if prompt_set.blank_lines_skipped:
+            log.warning("%d blank line(s) in %s skipped", prompt_set.blank_lines_skipped, prompt_set.source)
+        source = check_model_files(cfg)
+        prompt_set = truncate_to_context(prompt_set, source)
+        check_scorer_checkpoint(cfg)
+        check_resume_checkpoint(cfg, source)
+        if cfg.tracking.enabled:
+            check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails fast
+    except (OSError, ValueError, CheckpointLoadError, TrackingError) as err:
+        raise InputError(str(err)) from err
+    return prompt_set
+
+
+def check_model_files(cfg: SPOConfig) -> str:
+    """The base model's directory holds every component the roles load (config and weights)."""
+    from spo_ray.models import COMPONENTS, TINY_PREFIX, _check_local_layout, _resolve_source
+
+    name = str(cfg.model.pretrained)
+    if name.startswith(TINY_PREFIX):
+        from spo_ray.tiny import ensure_tiny_pipeline
+
+        name = str(ensure_tiny_pipeline(name[len(TINY_PREFIX) :]))
+    source, is_local = _resolve_source(name, "pretrained model")
+    if cfg.model.vae is not None:
+        _resolve_source(str(cfg.model.vae), "VAE")
+    if is_local:
+        _check_local_layout(Path(source), cfg.model.kind, COMPONENTS, cfg.model.vae is not None, True)
+    return source
+
+
+def truncate_to_context(prompt_set: PromptSet, source: str) -> PromptSet:
+    """Cut prompts longer than the first text encoder's context (loads the tokenizer only)."""
+    from transformers import CLIPTokenizer
+
+    is_local = Path(source).is_dir()
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
+    prompts, truncated = truncate_prompts(prompt_set.prompts, tokenizer, max_length=tokenizer.model_max_length)
+    prompt_set.prompts = prompts
+    prompt_set.truncated += truncated
+    if prompt_set.truncated:
+        log.warning(
+            "%d prompt(s) were longer than the text encoder's %d tokens and were truncated",
+            prompt_set.truncated, tokenizer.model_max_length,
+        )
+    return prompt_set
+
+
+def _meta_spm(clip_dir: str) -> torch.nn.Module:
+    from transformers import CLIPConfig, CLIPModel
+
+    from spo_ray.spm import StepAwarePreferenceModel, resolve_clip_dir
+
+    config = CLIPConfig.from_pretrained(str(resolve_clip_dir(clip_dir)), local_files_only=True)
+    with torch.device("meta"):
+        return StepAwarePreferenceModel.from_clip(CLIPModel(config))
+
+
+def check_scorer_checkpoint(cfg: SPOConfig) -> None:
+    """An SPM checkpoint's keys and shapes fit the model built from ``scorer.clip_dir`` (listed if not)."""
+    if cfg.scorer.type != "spm" or cfg.scorer.checkpoint is None:
+        return
+    from spo_ray.spm import CheckpointLoadError, read_state_dict, state_dict_problems
+
+    found = read_state_dict(cfg.scorer.checkpoint, mmap=True)
+    problems = state_dict_problems(_meta_spm(cfg.scorer.clip_dir or "tiny"), found, check_buffer_values=False)
+    if problems:
+        raise CheckpointLoadError(f"checkpoint {cfg.scorer.checkpoint} does not match the model: " + "; ".join(problems))
+
+
+def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:
+    from diffusers import UNet2DConditionModel
+
+    from spo_ray.training import setup_policy
+
+    config = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=Path(source).is_dir())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        if cfg.train.lora:
+            setup_policy(unet, cfg.train)
+        else:
+            unet.requires_grad_(True)
+    return {name: p.shape for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:
+    """The run's latest checkpoint (a resume) fits the model and the LoRA settings."""
+    found = latest_checkpoint(cfg.run_dir)
+    if found is None:
+        return
+    from safetensors import safe_open
+
+    path = found / "weights.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes: Mapping[str, torch.Size] = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # a truncated or corrupt file reads as any of several errors
+        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
+    problem = trainable_mismatch(_meta_policy_shapes(cfg, source), shapes)
+    if problem:
+        raise ValueError(f"checkpoint {found} does not fit the model (different LoRA rank/targets or base model?): {problem}")

@@ -1,0 +1,192 @@
+"""Every row of the README's bad-input table is a test: the input gets the documented outcome,
+with the documented message, from the preflight the Ray engine's driver runs before it asks the
+cluster for anything (or from the config loader, before that)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from spo_ray.config import ConfigError, load_config
+from spo_ray.preflight import InputError, preflight
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FAST = ["tracking.enabled=false", "run.progress=false"]
+
+
+def table_rows() -> dict[str, str]:
+    """bad input -> message excerpt, from the README table between its markers."""
+    text = README.read_text()
+    block = text.split("<!-- bad-input-table -->")[1].split("<!-- /bad-input-table -->")[0]
+    rows = {}
+    for line in block.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = re.fullmatch(r"`(.+)`", cells[2]).group(1)
+    return rows
+
+
+def cfg_with(tmp_path: Path, *overrides: str):
+    return load_config("tiny-sd15", overrides=[f"run.output_dir={tmp_path}", *FAST, *overrides])
+
+
+def prompt_file(tmp_path: Path, content: bytes, name: str = "prompts.txt") -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return f"data.prompt_file={path}"
+
+
+def copy_tiny_pipeline(tmp_path: Path) -> Path:
+    from spo_ray.tiny import ensure_tiny_pipeline
+
+    return Path(shutil.copytree(ensure_tiny_pipeline("sd15"), tmp_path / "model"))
+
+
+def write_resume_checkpoint(cfg, weights: dict[str, torch.Tensor]) -> Path:
+    from spo_ray.checkpointing import save_checkpoint
+
+    return save_checkpoint(cfg.run_dir, position=1, state={"policy_version": 1}, weights=weights, optimizer=None, keep=1)
+
+
+def lora_weights(rank: int) -> dict[str, torch.Tensor]:
+    from spo_ray.components import load_model
+    from spo_ray.training import setup_policy
+
+    cfg = load_config("tiny-sd15", overrides=[f"train.lora_rank={rank}"])
+    model = load_model(cfg, torch.device("cpu"), ("unet",))
+    setup_policy(model.unet, cfg.train)
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Each scenario runs the check and returns the text the user sees (the error, or the log).
+def missing_prompt_file(tmp_path, caplog):
+    return preflight(cfg_with(tmp_path, f"data.prompt_file={tmp_path / 'nope.txt'}"))
+
+
+def empty_prompt_file(tmp_path, caplog):
+    return preflight(cfg_with(tmp_path, prompt_file(tmp_path, b"\n  \n")))
+
+
+def undecodable_prompt_file(tmp_path, caplog):
+    return preflight(cfg_with(tmp_path, prompt_file(tmp_path, b"a cat\n\xff\xfe a dog\n")))
+
+
+def blank_lines(tmp_path, caplog):
+    prompt_set = preflight(cfg_with(tmp_path, prompt_file(tmp_path, b"a cat\n\n\na dog\n")))
+    assert prompt_set.prompts == ["a cat", "a dog"] and prompt_set.blank_lines_skipped == 2
+    return caplog.text
+
+
+def over_long_prompt(tmp_path, caplog):
+    long = " ".join(["word"] * 300)
+    prompt_set = preflight(cfg_with(tmp_path, prompt_file(tmp_path, f"a cat\n{long}\n".encode())))
+    assert prompt_set.truncated == 1 and len(prompt_set.prompts[1].split()) < 300
+    return caplog.text
+
+
+def unknown_config_key(tmp_path, caplog):
+    return load_config("tiny-sd15", overrides=["train.learning_rat=1e-5"])
+
+
+def out_of_range_value(tmp_path, caplog):
+    return load_config("tiny-sd15", overrides=["scorer.threshold=1.5"])
+
+
+def model_missing_files(tmp_path, caplog):
+    model = copy_tiny_pipeline(tmp_path)
+    for weights in (model / "unet").glob("diffusion_pytorch_model.*"):
+        weights.unlink()
+    return preflight(cfg_with(tmp_path, f"model.pretrained={model}"))
+
+
+def spm_wrong_keys(tmp_path, caplog):
+    from spo_ray.spm import StepAwarePreferenceModel
+
+    state = StepAwarePreferenceModel.from_pretrained("tiny").state_dict()
+    state["model.not_a_layer.weight"] = torch.zeros(1)
+    del state["model.t_embedder.mlp.0.weight"]
+    path = tmp_path / "spm.bin"
+    torch.save(state, path)
+    return preflight(cfg_with(tmp_path, "scorer.type=spm", "scorer.clip_dir=tiny", f"scorer.checkpoint={path}"))
+
+
+def spm_corrupt(tmp_path, caplog):
+    path = tmp_path / "spm.bin"
+    path.write_bytes(b"not a checkpoint")
+    return preflight(cfg_with(tmp_path, "scorer.type=spm", "scorer.clip_dir=tiny", f"scorer.checkpoint={path}"))
+
+
+def lora_does_not_fit(tmp_path, caplog):
+    write_resume_checkpoint(cfg_with(tmp_path), lora_weights(rank=8))
+    return preflight(cfg_with(tmp_path, "train.lora_rank=4"))
+
+
+def corrupt_resume_checkpoint(tmp_path, caplog):
+    saved = write_resume_checkpoint(cfg_with(tmp_path), lora_weights(rank=4))
+    weights = saved / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return preflight(cfg_with(tmp_path))
+
+
+def unreachable_mlflow(tmp_path, caplog):
+    cfg = load_config("tiny-sd15", overrides=[
+        f"run.output_dir={tmp_path}", f"tracking.tracking_uri=http://127.0.0.1:{free_port()}",
+    ])
+    return preflight(cfg)
+
+
+SCENARIOS: dict[str, Callable] = {
+    "missing prompt file": missing_prompt_file,
+    "empty prompt file": empty_prompt_file,
+    "undecodable prompt file": undecodable_prompt_file,
+    "blank lines in the prompt file": blank_lines,
+    "over-long prompt": over_long_prompt,
+    "unknown config key": unknown_config_key,
+    "out-of-range config value": out_of_range_value,
+    "model directory missing files": model_missing_files,
+    "SPM checkpoint with wrong keys": spm_wrong_keys,
+    "corrupt SPM checkpoint": spm_corrupt,
+    "LoRA checkpoint that does not fit the model on resume": lora_does_not_fit,
+    "corrupt resume checkpoint": corrupt_resume_checkpoint,
+    "unreachable MLflow server": unreachable_mlflow,
+}
+LOGGED = {"blank lines in the prompt file", "over-long prompt"}  # handled, not refused
+
+
+def test_the_table_and_the_scenarios_match() -> None:
+    assert set(table_rows()) == set(SCENARIOS)
+
+
+@pytest.mark.parametrize("row", sorted(SCENARIOS))
+def test_bad_input_row(row: str, tmp_path: Path, caplog) -> None:
+    excerpt = table_rows()[row]
+    caplog.set_level(logging.WARNING, logger="spo_ray")
+    if row in LOGGED:
+        assert excerpt in SCENARIOS[row](tmp_path, caplog)
+        return
+    with pytest.raises((InputError, ConfigError)) as err:
+        SCENARIOS[row](tmp_path, caplog)
+    assert excerpt in str(err.value)
+
+
+def test_the_job_refuses_bad_input_before_touching_the_cluster(tmp_path: Path, capsys) -> None:
+    import ray
+
+    from spo_ray.cli import job_main
+
+    rc = job_main("tiny-sd15", [f"run.output_dir={tmp_path}", *FAST, f"data.prompt_file={tmp_path / 'nope.txt'}"])
+    assert rc == 2 and "prompt file not found" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "tiny-sd15").exists()  # nothing written, nothing lost
