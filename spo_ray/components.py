@@ -46,7 +46,39 @@ def load_model(cfg: SPOConfig, device: torch.device, components: tuple[str, ...]
         num_steps=cfg.sampling.num_steps,
         resolution=cfg.model.resolution,
         components=components,
+        vae_dtype=resolve_vae_dtype(cfg, device),
     )
+
+
+def resolve_vae_dtype(cfg: SPOConfig, device: torch.device) -> torch.dtype | None:
+    """A separate VAE on a GPU (SDXL's fp16-fix VAE, made to run in fp16) runs in fp16; else the
+    model's dtype (None). A VAE whose config asks for upcasting is still upcast by the loader."""
+    if cfg.model.vae is not None and device.type == "cuda" and resolve_dtype(cfg, device) != torch.float32:
+        return torch.float16
+    return None
+
+
+def switch_on(setting: bool | None, device: torch.device) -> bool:
+    """A fast-path switch: True, False, or None (on where the role runs on a GPU)."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def apply_fast_path(model: DiffusionModel, cfg: SPOConfig, device: torch.device, *, inference_only: bool) -> None:
+    """The GPU fast path for a role's model (SDPA attention and one-batch CFG are always on).
+
+    channels-last pays for the UNet's and the VAE's convolutions on tensor cores; torch.compile
+    pays over a long run of same-shaped forwards and is only used where the UNet runs inference
+    (``Module.compile`` compiles in place, so parameter names, which weight sync uses, do not change).
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if switch_on(cfg.model.channels_last, device):
+        for module in (model.unet, model.vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    if inference_only and model.unet is not None and switch_on(cfg.model.compile_unet, device):
+        model.unet.compile()
 
 
 def prompt_file_path(cfg: SPOConfig) -> Path:

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
 
+
 @dataclass
 class ModelConfig:
     kind: str = "sd15"  # "sd15" | "sdxl"
@@ -32,6 +33,11 @@ class ModelConfig:
     vae: str | None = None  # a separate VAE (SDXL: the fp16-fix VAE)
     resolution: int | None = None  # pixels; None = the UNet's native size
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    # The GPU fast path (null = on where the role runs on a GPU): channels-last UNet/VAE memory
+    # layout, and torch.compile of the samplers' UNet (the only UNet that just runs inference: the
+    # renderer toggles its LoRA, the trainer's is wrapped by DeepSpeed).
+    channels_last: bool | None = None
+    compile_unet: bool | None = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from spo_ray import telemetry
 from spo_ray.accounting import Accounting
 from spo_ray.checkpointing import (
     latest_checkpoint,
@@ -28,6 +29,7 @@ from spo_ray.checkpointing import (
     trainable_state,
 )
 from spo_ray.components import (
+    apply_fast_path,
     build_pool_scorer,
     fit_prompts_to_tokenizer,
     load_model,
@@ -100,6 +102,12 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     return result
 
 
+def _telemetry(meters: dict[str, telemetry.RoleMeter], sampler: CandidatePoolSampler) -> dict[str, Any]:
+    """Per-role busy time and counters; roles share this one process (and its peak memory)."""
+    meters["sampler"].counters["unet_forwards"] = sampler.unet_forwards
+    return telemetry.summarize({role: {meter.actor: meter.snapshot()} for role, meter in meters.items()})
+
+
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json alone (cheap: no weights), {} when unreadable."""
     try:
@@ -114,6 +122,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     model = load_model(cfg, device)
+    apply_fast_path(model, cfg, device, inference_only=False)  # one UNet samples and trains: no compile
     prompt_set = fit_prompts_to_tokenizer(prompt_set, model)
     if prompt_set.truncated:
         log.warning("%d prompts were longer than the text encoder's context and were truncated", prompt_set.truncated)
@@ -123,6 +132,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     sampler = CandidatePoolSampler(model, cfg.sampling, cfg.train.seed)
     pool_scorer = build_pool_scorer(cfg, model, device)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
+    meters = {role: telemetry.RoleMeter(role, actor="in-process") for role in telemetry.ROLES}  # as the Ray roles
 
     accounting, position, version = Accounting(), 0, 0
     last_round_step = -1  # the MLflow step of the last round's metrics
@@ -197,6 +207,9 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
             break
         t_trained = time.time()
         num_pairs = len(pairs["pair_id"])
+        meters["sampler"].record(t0, t_sampled, prompts=len(rnd.prompt_ids))
+        meters["scorer"].record(t_sampled, t_scored, images_scored=stats.images, scoring_events=stats.events, kept=stats.kept)
+        meters["trainer"].record(t_scored, t_trained, optimizer_steps=len(steps), pairs_trained=num_pairs)
         accounting.add(
             prompts=len(rnd.prompt_ids),
             scoring_events=stats.events,
@@ -265,6 +278,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         "accounting_problems": accounting.problems(),
         "seconds": time.time() - started,
         "stopped_by": stopped_by,
+        "telemetry": _telemetry(meters, sampler),
         "mlflow_run_id": tracker.run_id,
         "mlflow_tracking_uri": tracker.tracking_uri,
     }

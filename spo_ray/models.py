@@ -490,6 +490,7 @@ def load_diffusion_model(
     num_steps: int = 20,
     resolution: int | None = None,
     components: Sequence[str] = COMPONENTS,
+    vae_dtype: torch.dtype | None = None,
 ) -> DiffusionModel:
     """Load an SD1.5/SDXL checkpoint component by component with each class' ``from_pretrained``.
 
@@ -555,14 +556,14 @@ def load_diffusion_model(
 
     vae_model = None
     if "vae" in components:
-        vae_kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        vae_kwargs: dict[str, Any] = {"torch_dtype": vae_dtype or dtype}
         if vae_source is None:
             vae_kwargs.update(subfolder="vae", **common)
             vae_config = AutoencoderKL.load_config(source, subfolder="vae", **common)
         else:
             vae_kwargs.update(local_files_only=vae_local)
             vae_config = AutoencoderKL.load_config(vae_source, local_files_only=vae_local)
-        if dtype == torch.float16 and vae_config.get("force_upcast", False):
+        if vae_kwargs["torch_dtype"] == torch.float16 and vae_config.get("force_upcast", False):
             # The original SDXL VAE overflows in fp16; diffusers' pipelines upcast it to fp32.
             vae_kwargs["torch_dtype"] = torch.float32
         vae_model = AutoencoderKL.from_pretrained(vae_source or source, **vae_kwargs)

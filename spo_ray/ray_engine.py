@@ -39,6 +39,7 @@ from spo_ray import records, telemetry
 from spo_ray.accounting import Accounting
 from spo_ray.checkpointing import latest_checkpoint, load_trainable_weights, trainable_state
 from spo_ray.components import (
+    apply_fast_path,
     build_pool_scorer,
     load_model,
     prompt_plan,
@@ -250,6 +251,7 @@ class SamplerWorker:
         if self.cfg.train.lora:
             add_lora(self.model.unet, self.cfg.train)
         self.model.unet.eval()
+        apply_fast_path(self.model, self.cfg, device, inference_only=True)
         self.sampler = CandidatePoolSampler(self.model, self.cfg.sampling, self.cfg.train.seed)
         self.store = ray.get_actor(actor_names(self.cfg)["store"])
         self.version = -1
@@ -297,6 +299,7 @@ class ScorerWorker:
         _set_threads(self.cfg)
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("vae",))
+        apply_fast_path(self.model, self.cfg, device, inference_only=True)
         self.pool_scorer = build_pool_scorer(self.cfg, self.model, device)
         self.ledger = ray.get_actor(actor_names(self.cfg)["ledger"])
         self.meter, self.telemetry = telemetry.RoleMeter("scorer"), telemetry.connect(self.cfg.run.name)
@@ -355,10 +358,12 @@ class ValidationRenderer:
     def __init__(self, cfg_dict: dict[str, Any], prompts: list[str], seeds: list[int]):
         self.cfg = config_from_dict(cfg_dict)
         _set_threads(self.cfg)
-        self.model = load_model(self.cfg, resolve_device(self.cfg), ("unet", "vae", "text"))
+        device = resolve_device(self.cfg)
+        self.model = load_model(self.cfg, device, ("unet", "vae", "text"))
         from spo_ray.training import setup_policy
 
         self.frozen_copy = setup_policy(self.model.unet, self.cfg.train)  # LoRA: the adapter, off for the base row
+        apply_fast_path(self.model, self.cfg, device, inference_only=False)  # LoRA toggling would recompile
         self.prompts, self.seeds = prompts, seeds
         self.base_images = None
 
@@ -593,6 +598,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_dir = cfg.run_dir
 
     model = load_model(cfg, device, ("unet", "text"))
+    apply_fast_path(model, cfg, device, inference_only=False)
     model.negative_conditioning(1)  # cached; the trainer needs no text encoder after this
     model.free_text_encoders()
     from spo_ray.training import setup_policy

@@ -308,3 +308,28 @@ def test_decode(models: dict[str, DiffusionModel], kind: str) -> None:
     assert images.min() >= -1.0 and images.max() <= 1.0
     raw = model.vae.decode(latents / model.vae.config.scaling_factor).sample
     torch.testing.assert_close(images, raw.clamp(-1, 1))
+
+
+def test_fast_path_switches_and_channels_last_keeps_the_numbers() -> None:
+    """Unset (None) is on for a GPU and off for a CPU; channels-last changes the memory layout of the
+    UNet's and VAE's conv weights, not what they compute."""
+    from spo_ray.components import apply_fast_path, load_model, resolve_vae_dtype, switch_on
+    from spo_ray.config import load_config
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert switch_on(None, gpu) and not switch_on(None, cpu)
+    assert switch_on(True, cpu) and not switch_on(False, gpu)
+    sdxl = load_config("sdxl")
+    assert resolve_vae_dtype(sdxl, gpu) == torch.float16 and resolve_vae_dtype(sdxl, cpu) is None
+    cfg = load_config("tiny-sd15", overrides=["model.channels_last=true", "model.compile_unet=false"])
+    model = load_model(cfg, cpu)
+    latents = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond, neg = model.encode_prompts(["a cat", "a dog"]), model.negative_conditioning(2)
+    with torch.no_grad():
+        before = model.guided_noise_pred(model.unet, latents, 500, cond, neg, 5.0), model.decode(latents)
+        apply_fast_path(model, cfg, cpu, inference_only=True)
+        conv = next(m for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        after = model.guided_noise_pred(model.unet, latents, 500, cond, neg, 5.0), model.decode(latents)
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
