@@ -2,7 +2,8 @@
 
 One scenario run asserts several things (each job costs ~1-2 minutes here):
 - tiny SD1.5: 2 samplers, 2 DeepSpeed ZeRO-2 trainer workers, lag 1, a slowed trainer: SUCCEEDED,
-  exact accounting, the gate blocks and the lag never exceeds 1, the LoRA loads into diffusers;
+  exact accounting, the gate blocks and the lag never exceeds 1, MLflow images and metrics, the
+  LoRA loads into diffusers; re-submitted with one trainer worker it resumes in the same run;
 - tiny SDXL (inner steps): the same shape, 8 rounds at lag 1, and it learns (held-out seeds);
 - parity: at lag 0 with one trainer worker and 2 samplers / 2 scorers, the Ray engine's pairs,
   losses and final weights equal the in-process engine's.
@@ -111,6 +112,23 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     strips = sorted(p.name for p in (artifacts / "pairs").glob("*.png"))
     assert strips and set(strips) <= {f"round_{r:07d}.png" for r in range(3)}
     assert lora_changes_pipeline("sd15", run_dir / "final") > 1e-4
+
+    # Re-submitted with the same run name and ONE trainer worker: it resumes from the checkpoint
+    # at position 2 (weights and whole Adam moments, so the world size may change), redoes round 2,
+    # trains round 3, and continues the same MLflow run without logging a step twice.
+    proc = submit_job(
+        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", "run.max_rounds=4",
+        "ray.num_samplers=2", "ray.num_trainers=1",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "(prompt-plan position 2," in proc.stdout
+    resumed = read_summary(run_dir)
+    assert_accounting(resumed)
+    assert resumed["world_size"] == 1 and resumed["accounting"]["prompts"] == 16
+    assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]
+    (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len({m.step for m in losses}) == len(losses) and max(m.step for m in losses) == resumed["global_step"]
 
 
 def test_sdxl_job_learns_at_lag_1(ray_cluster, tmp_path):
