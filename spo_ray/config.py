@@ -100,6 +100,15 @@ class RoleResources:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom resources (KubeRay groups)
 
+    def ray_options(self) -> dict[str, Any]:
+        """The role's request as Ray ``.options()`` / ``map_batches`` keyword arguments."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
 
 @dataclass
 class RayConfig:
@@ -166,8 +175,16 @@ class SPOConfig:
 # ----------------------------------------------------------------------------- loading
 
 
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+PRESET_KINDS = {"eval-": "eval", "spm-": "spm"}  # name prefix -> what the preset configures; else "spo"
+
+
+def preset_kind(name: str) -> str:
+    return next((kind for prefix, kind in PRESET_KINDS.items() if name.startswith(prefix)), "spo")
+
+
+def available_presets(kind: str = "spo") -> list[str]:
+    """The shipped presets of one kind: "spo" (training), "eval" or "spm" (SPM training)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if preset_kind(p.stem) == kind)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -271,6 +288,9 @@ def load_config(
         preset_path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
         if not preset_path.is_file():
             raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(available_presets())})")
+        if preset_path.parent == PRESET_DIR and preset_kind(preset_path.stem) != "spo":
+            command = {"eval": "spo-ray evaluate", "spm": "spo-ray train-spm"}[preset_kind(preset_path.stem)]
+            raise ConfigError(f"preset '{preset}' is not an SPO training preset: it is for `{command}`")
         _merge(cfg, _read_yaml(preset_path), "")
         cfg.preset = preset_path.stem
     if config_file:

@@ -73,10 +73,11 @@ def ddim_mean_std(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mu, sigma_t, x0_hat) of the DDIM transition from ``sample`` at ``timestep``.
 
-    Computed in at least float32; sigma_t has shape [B, 1, ..., 1].
+    Computed in at least float32; sigma_t has shape [B, 1, ..., 1]. eta = 0 is deterministic DDIM
+    (sigma_t = 0: plain sampling only, a transition then has no log-prob).
     """
-    if eta <= 0:
-        raise ValueError(f"eta must be > 0 for a stochastic DDIM step with a log-prob, got {eta}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
     dtype = torch.promote_types(sample.dtype, torch.float32)
     batch = sample.shape[0]
     alpha_t, alpha_prev = _alphas(scheduler, timestep, batch)
@@ -129,6 +130,8 @@ def ddim_step_with_logprob(
     log-prob of that transition (what training needs). ``timestep`` is an int or a per-sample
     tensor. Returns (prev_sample in ``sample``'s dtype, log_prob of shape [B], float32 or wider).
     """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a stochastic DDIM step with a log-prob, got {eta}")
     mean, std, _ = ddim_mean_std(scheduler, noise_pred, timestep, sample, eta=eta)
     if prev_sample is None:
         noise = _draw_noise(sample.shape, generator, sample.device).to(mean.dtype)

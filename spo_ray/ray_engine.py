@@ -400,13 +400,7 @@ def plan_rows(cfg: SPOConfig, num_prompts: int, prompts: list[str], position: in
 
 
 def _role_kwargs(cfg: SPOConfig, role: str) -> dict[str, Any]:
-    res = getattr(cfg.ray, role)
-    kwargs: dict[str, Any] = {"num_cpus": res.num_cpus}
-    if res.num_gpus:
-        kwargs["num_gpus"] = res.num_gpus
-    if res.resources:
-        kwargs["resources"] = dict(res.resources)
-    return kwargs
+    return getattr(cfg.ray, role).ray_options()
 
 
 def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int, generation: int = 0) -> ray.data.Dataset:

@@ -26,6 +26,9 @@ def test_paper_presets():
             4000, 10, 42, 10.0, 0.1)
     assert sdxl.model.vae == "madebyollin/sdxl-vae-fp16-fix"
     assert {"sd15", "sdxl", "tiny-sd15", "tiny-sdxl"} <= set(available_presets())
+    assert not any(p.startswith(("eval-", "spm-")) for p in available_presets())
+    with pytest.raises(ConfigError, match="spo-ray evaluate"):
+        load_config("eval-tiny")
 
 
 def test_yaml_then_overrides(tmp_path):

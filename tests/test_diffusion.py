@@ -153,3 +153,15 @@ def test_bad_scheduler_configs_and_eta():
     x = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="eta"):
         ddim_step_with_logprob(s, x, 501, x, eta=0.0)
+
+
+def test_eta_zero_is_diffusers_deterministic_ddim() -> None:
+    """eta = 0 (evaluation's plain sampling): sigma_t = 0 and the mean is diffusers' DDIM step."""
+    s = scheduler(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    x, eps = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    for t in (951, 501, 1):
+        mean, std, _ = ddim_mean_std(s, eps, t, x, eta=0.0)
+        expected = s.step(eps, t, x, eta=0.0).prev_sample
+        assert float(std.abs().max()) == 0.0
+        torch.testing.assert_close(mean, expected, atol=1e-10, rtol=0)

@@ -1,0 +1,15 @@
+"""Evaluation in the paper's format (base vs tuned LoRAs), on the Ray cluster this job runs in.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/evaluate.py \
+        --preset eval-tiny tuned.spo=$PWD/outputs/tiny-sd15/final run.output_dir=$PWD/outputs
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds spo_ray/
+
+from spo_ray.evaluation import job_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(job_main(default_preset="eval-paper"))
