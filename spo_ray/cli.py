@@ -4,6 +4,7 @@
     spo-ray train --preset tiny-sd15 --engine ray
     spo-ray presets
     spo-ray compare --experiment spo-ray [--runs ID ...] [--tracking-uri URI] [--out DIR] [--metrics loss ...]
+    spo-ray train-spm --preset spm-tiny data.train=train.parquet data.eval=eval.parquet
     spo-ray evaluate --preset eval-tiny [tuned.NAME=RUN/final ...] [section.key=value ...]
     spo-ray bench --size bench --samplers 1 2 4 --rounds 4 --out bench-out
 """
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metrics", nargs="+", default=None, help="default: loss mean_score (eval/* always added)")
     evaluate = sub.add_parser("evaluate", help="evaluate base vs tuned models in the paper's format (on Ray)")
     add_config_arguments(evaluate, default_preset="eval-tiny")  # eval-* presets; tuned.NAME=RUN/final adds a model
+    train_spm = sub.add_parser("train-spm", help="train a step-aware preference model (on Ray)")
+    add_config_arguments(train_spm, default_preset="spm-tiny")  # spm-* presets
     bench = sub.add_parser("bench", help="benchmark both engines on identical work (starts a local Ray cluster)")
     bench.add_argument("--size", choices=["tiny", "bench", "sd15", "sdxl"], default="bench")
     bench.add_argument("--samplers", nargs="+", type=int, default=[1, 2, 4], help="Ray sampler actors per run")
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         return compare_main(args)
+    if args.command == "train-spm":
+        from spo_ray.spm_training import run_from_args
+
+        return run_from_args(args)
     if args.command == "evaluate":
         from spo_ray.evaluation import run_cli
 

@@ -1,0 +1,251 @@
+"""Training the step-aware preference model: loss, data tagging, readers, and a `ray job submit` that learns.
+
+The synthetic preference data: every image is a dark field with one bright square; the image whose square
+is in the top half wins (a tie when both are on the same side). Location survives the tiny random VAE
+(GroupNorm erases global colour and brightness, not layout), so it is visible in x0_hat at small t.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from spo_ray.config import ConfigError
+from spo_ray.spm_training import (
+    PreferenceDataError,
+    bucket_of,
+    inspect_preferences,
+    load_spm_config,
+    preference_loss,
+    relabel_from_scores,
+    tag_examples,
+)
+from tests.conftest import submit_job
+
+NOUNS = ["apple", "car", "house", "bird", "flower", "boat", "hat", "chair", "lamp", "kite", "cup", "door"]
+EDGES = [0, 200, 400, 600, 800, 1000]
+
+
+def patch_image(top: bool, g: np.random.Generator) -> bytes:
+    x = np.full((64, 64, 3), g.uniform(0, 60)) + g.normal(0, 10, (64, 64, 3))
+    s = int(g.integers(16, 28))
+    r, c = int(g.integers(0, 32 - s)) + (0 if top else 32), int(g.integers(0, 64 - s))
+    x[r : r + s, c : c + s] = g.uniform(180, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_pickapic(path: Path, n: int, seed: int, tie_every: int = 10) -> pd.DataFrame:
+    """Pick-a-Pic layout: caption, jpg_0, jpg_1 (JPEG bytes), label_0 (1, 0, or 0.5 for a tie)."""
+    g = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        top0 = bool(g.integers(2))
+        top1 = top0 if i % tie_every == 0 else not top0
+        label_0 = 0.5 if top0 == top1 else float(top0)
+        rows.append({"caption": f"a {NOUNS[g.integers(len(NOUNS))]}", "jpg_0": patch_image(top0, g),
+                     "jpg_1": patch_image(top1, g), "label_0": label_0})
+    df = pd.DataFrame(rows)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return df
+
+
+@pytest.fixture(scope="module")
+def unit_latent_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD1.5 with its VAE scaling factor set for unit-variance latents (what SD's 0.18215 does for
+    its trained VAE); at the tiny pipeline's own factor the latents are ~20x smaller than the noise."""
+    from diffusers import AutoencoderKL
+
+    from spo_ray.tiny import ensure_tiny_pipeline
+
+    base = tmp_path_factory.mktemp("base") / "tiny-sd15-unit-latents"
+    shutil.copytree(ensure_tiny_pipeline("sd15"), base)
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    g = np.random.default_rng(0)
+    x = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(io.BytesIO(patch_image(bool(i % 2), g))), dtype=np.float32)).permute(2, 0, 1)
+        for i in range(8)
+    ]) / 127.5 - 1
+    with torch.no_grad():
+        std = float(vae.encode(x).latent_dist.mean.std())
+    config = json.loads((base / "vae" / "config.json").read_text())
+    config["scaling_factor"] = 1.0 / std
+    (base / "vae" / "config.json").write_text(json.dumps(config))
+    return base
+
+
+# ----------------------------------------------------------------------------- fast unit tests
+
+
+def test_preference_loss_on_hand_values_with_ties_and_weights():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 3.0], [2.0, 0.0]])
+    label_0 = torch.tensor([1.0, 0.5, 0.0, 0.5])
+    weight = torch.tensor([1.0, 0.5, 0.5, 1.0])
+    a = np.log1p(np.exp(-2.0))  # -log softmax of the logit 2 above its partner
+    ce = [a, np.log(2.0), a, 0.5 * a + 0.5 * np.log1p(np.exp(2.0))]  # a tie is 0.5 / 0.5 cross-entropy
+    expected = sum(w * c for w, c in zip(weight.tolist(), ce, strict=True)) / weight.sum().item()
+    assert preference_loss(logits, label_0, weight).item() == pytest.approx(expected, rel=1e-6)
+    # Weights are normalised over the batch: scaling them all changes nothing.
+    assert preference_loss(logits, label_0, 3 * weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_relabel_gap_rule_and_buckets():
+    s0, s1 = torch.tensor([21.0, 20.0, 20.1, 18.0]), torch.tensor([20.0, 21.0, 20.0, 18.0])
+    # softmax gaps: 0.46, 0.46, 0.05, 0 -> wins, wins, tie, tie
+    assert relabel_from_scores(s0, s1, 0.1).tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert bucket_of(np.array([0, 199, 200, 999]), EDGES).tolist() == [0, 0, 1, 4]
+
+
+def test_tagging_weights_timesteps_and_ids_are_pure_functions(tmp_path: Path):
+    df = write_pickapic(tmp_path / "p.parquet", 12, seed=3, tie_every=4)
+    src = inspect_preferences(str(tmp_path / "p.parquet"), "auto", None)
+    assert src.layout == "pickapic" and src.num_examples == 12 and src.num_ties == 3
+    kw = dict(layout="pickapic", split="train", seed=7, prompt_counts=src.prompt_counts, eval_fraction=0.0,
+              image_root=None, bucket_edges=EDGES, timesteps_per_bucket=2)
+    out = tag_examples(df, epoch=0, **kw)
+    counts = df["caption"].value_counts()
+    assert out["weight"].tolist() == pytest.approx([1 / counts[c] for c in df["caption"]])
+    assert out["label_0"].tolist() == df["label_0"].tolist()
+    assert ((out["t"] >= 0) & (out["t"] < 1000)).all()
+    # t and the id depend on (seed, epoch, example), not on the row order.
+    shuffled = tag_examples(df.iloc[::-1], epoch=0, **kw).iloc[::-1].reset_index(drop=True)
+    assert shuffled["t"].tolist() == out["t"].tolist()
+    assert shuffled["example_id"].tolist() == out["example_id"].tolist()
+    assert tag_examples(df, epoch=1, **kw)["t"].tolist() != out["t"].tolist()
+    # A held-out pair becomes timesteps_per_bucket rows per bucket, t inside its bucket.
+    ev = tag_examples(df, epoch=-1, **{**kw, "split": "eval"})
+    assert len(ev) == 12 * 5 * 2
+    assert np.bincount(bucket_of(ev["t"].to_numpy(), EDGES)).tolist() == [24] * 5
+    # A split by prompt hash keeps every prompt on one side.
+    tr = tag_examples(df, epoch=0, **{**kw, "eval_fraction": 0.5})
+    ho = tag_examples(df, epoch=-1, **{**kw, "split": "eval", "eval_fraction": 0.5})
+    assert set(tr["prompt"]).isdisjoint(ho["prompt"]) and set(tr["prompt"]) | set(ho["prompt"]) == set(df["caption"])
+
+
+def test_plain_layout_and_reader_errors(tmp_path: Path):
+    g = np.random.default_rng(0)
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(patch_image(True, g))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "a cat", "image_0": "a.jpg", "image_1": "b.jpg", "label": 1},
+        {"prompt": "a cat", "image_0": "b.jpg", "image_1": "a.jpg", "label": 0.5},
+    ]))
+    src = inspect_preferences(str(plain), "auto", None)
+    assert src.layout == "plain" and src.prompt_counts == {"a cat": 2} and src.num_ties == 1
+    rows = tag_examples(pd.read_json(plain, lines=True), layout="plain", split="train", epoch=0, seed=0,
+                        prompt_counts=src.prompt_counts, eval_fraction=0.0, image_root=src.image_root,
+                        bucket_edges=EDGES, timesteps_per_bucket=1)
+    assert rows["label_0"].tolist() == [0.0, 0.5]  # plain "label" is the index of the preferred image
+    assert rows["image_0"][0] == (tmp_path / "a.jpg").read_bytes() and rows["weight"].tolist() == [0.5, 0.5]
+
+    def error(path: Path, layout: str = "auto") -> str:
+        with pytest.raises(PreferenceDataError) as info:
+            inspect_preferences(str(path), layout, None)
+        return str(info.value)
+
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"prompt": "x", "image_0": "a.jpg", "image_1": "nope.jpg", "label": 0}))
+    assert "not found" in error(tmp_path / "missing.jsonl") and "nope.jpg" in error(tmp_path / "missing.jsonl")
+    (tmp_path / "cols.csv").write_text("prompt,image_0,label\nx,a.jpg,0\n")
+    assert "missing column(s) image_1" in error(tmp_path / "cols.csv", "plain")
+    (tmp_path / "other.csv").write_text("text,left,right,winner\nx,a.jpg,b.jpg,0\n")
+    assert "cannot tell the layout" in error(tmp_path / "other.csv")
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b""], "jpg_1": [b""], "label_0": [2.0]}), tmp_path / "bad.parquet")
+    assert "label_0 outside [0, 1]" in error(tmp_path / "bad.parquet")
+    assert "not found" in error(tmp_path / "absent.parquet")
+
+
+def test_renderer_shares_noise_is_keyed_and_relabels(tmp_path: Path, unit_latent_base: Path):
+    from spo_ray.scorers import ClipScorer
+    from spo_ray.spm_training import X0Renderer, decode_image, render_x0_pairs, resize_straight
+
+    df = write_pickapic(tmp_path / "p.parquet", 6, seed=5, tie_every=3)
+    cfg = load_spm_config("spm-tiny", overrides=[
+        f"data.train={tmp_path / 'p.parquet'}", f"model.pretrained={unit_latent_base}",
+        "data.relabel.enabled=true", "data.relabel.clip_dir=tiny", "data.relabel.gap=0.05",
+    ])
+    rows = tag_examples(df, layout="pickapic", split="train", epoch=0, seed=1, prompt_counts={}, eval_fraction=0.0,
+                        image_root=None, bucket_edges=EDGES, timesteps_per_bucket=1)
+    batch = {c: rows[c].to_numpy() for c in rows.columns}
+    renderer = X0Renderer(cfg.to_dict())
+    out, again = renderer(batch), renderer({k: v[::-1] for k, v in batch.items()})
+    assert out["pixels_0"].shape == (6, 3, 224, 224)
+    np.testing.assert_array_equal(out["pixels_1"], again["pixels_1"][::-1])  # keyed by example, not by batch position
+    clean = [torch.stack([decode_image(b, 64) for b in df[c]]) for c in ("jpg_0", "jpg_1")]
+    scorer = ClipScorer("tiny")
+    s0, s1 = (scorer.score(resize_straight(c, 224), list(df["caption"]), torch.zeros(6)) for c in clean)
+    assert out["label_0"].tolist() == relabel_from_scores(s0, s1, 0.05).tolist()
+    # Both images of a pair see one t and one noise: identical images give identical x0_hat decodes.
+    d0, d1 = render_x0_pairs(renderer.model, clean[0], clean[0], ["a cat"] * 6, torch.full((6,), 400), [(0, i) for i in range(6)], 5.0)
+    torch.testing.assert_close(d0, d1)
+
+
+def test_config_errors_before_anything_runs():
+    with pytest.raises(ConfigError, match="did you mean 'train.learning_rate'"):
+        load_spm_config("spm-tiny", overrides=["train.learning_rat=1e-3", "data.train=x.parquet"])
+    with pytest.raises(ConfigError) as info:
+        load_spm_config("spm-tiny", overrides=["train.epochs=0", "eval.bucket_edges=[0, 500]", "ray.zero_stage=3"])
+    for key in ("data.train", "train.epochs", "eval.bucket_edges", "ray.zero_stage"):
+        assert key in str(info.value)
+    cfg = load_spm_config("spm-sd15")
+    assert (cfg.train.learning_rate, cfg.train.adam_weight_decay, cfg.train.lr_warmup_steps) == (3e-6, 0.3, 500)
+    assert cfg.ray.zero_stage == 2 and not cfg.data.relabel.enabled
+    xl = load_spm_config("spm-sdxl")
+    assert xl.train.learning_rate == 1e-6 and xl.data.relabel.enabled and xl.data.relabel.gap == 0.1
+
+
+# ----------------------------------------------------------------------------- the Ray job
+
+
+@pytest.mark.slow
+def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, tmp_path, unit_latent_base):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    write_pickapic(data / "train.parquet", 256, seed=0)
+    held = write_pickapic(data / "eval.parquet", 48, seed=1, tie_every=12)
+    proc = submit_job(
+        ray_cluster, "jobs/train_spm.py", "--preset", "spm-tiny", f"data.train={data / 'train.parquet'}",
+        f"data.eval={data / 'eval.parquet'}", f"model.pretrained={unit_latent_base}", f"run.output_dir={out}",
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "[spm] step 10 |" in proc.stdout and "[spm] eval t   0-199: accuracy" in proc.stdout
+    summary = json.loads((out / "spm-tiny" / "summary.json").read_text())
+    acc, before = summary["accuracy_by_bucket"], summary["initial_accuracy_by_bucket"]
+    print("\n".join(line for line in proc.stdout.splitlines() if "[spm]" in line))
+    assert list(acc) == ["0-199", "200-399", "400-599", "600-799", "800-999"]
+    ties = int((held["label_0"] == 0.5).sum())
+    assert all(b["pairs_counted"] == 48 - ties and b["ties"] == ties for b in summary["eval_buckets"])
+    assert summary["train_rows"] == 3 * 256 and summary["optimizer_steps"] == 3 * 256 // 8
+    assert acc["0-199"] >= 0.75 and before["0-199"] <= 0.65, (acc, before)
+
+    # The result loads through the SPO job's scorer path, in both formats, with the released keys.
+    from safetensors.torch import load_file
+
+    from spo_ray.components import build_pool_scorer, load_model
+    from spo_ray.config import load_config
+    from spo_ray.spm import StepAwarePreferenceModel
+
+    released = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert set(released) == set(StepAwarePreferenceModel.from_pretrained("tiny").state_dict())
+    assert all(k.startswith("model.") for k in released)
+    st = load_file(summary["checkpoint_safetensors"])
+    assert st.keys() == released.keys() and all(torch.equal(st[k], released[k]) for k in st)
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    scores = []
+    for path in (summary["checkpoint"], summary["checkpoint_safetensors"]):
+        cfg = load_config("tiny-sd15", overrides=["scorer.type=spm", "scorer.clip_dir=tiny", "scorer.kwargs={}", f"scorer.checkpoint={path}"])
+        scorer = build_pool_scorer(cfg, load_model(cfg, torch.device("cpu"), ("vae",)), torch.device("cpu")).scorer
+        scores.append(scorer.score(images, ["a cat"] * 4, torch.tensor([0, 100, 500, 900])))
+    assert torch.isfinite(scores[0]).all() and torch.equal(scores[0], scores[1])
