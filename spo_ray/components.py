@@ -58,6 +58,26 @@ def resolve_vae_dtype(cfg: SPOConfig, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def connect_ray(address: str | None) -> None:
+    """Connect to ``address``; with none, to the cluster this process runs in (a job's
+    ``RAY_ADDRESS``, or a local ``ray start``); with none of those, start a local cluster without
+    a dashboard (Ray itself maps 127.0.0.1 to the node's address for its GCS, so nothing more can
+    be pinned to loopback from here; `scripts/local_cluster.sh` binds the dashboard to 127.0.0.1)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address="auto", log_to_driver=True)
+        except ConnectionError:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        return
+    ray.init(address=address, log_to_driver=True)
+
+
 def switch_on(setting: bool | None, device: torch.device) -> bool:
     """A fast-path switch: True, False, or None (on where the role runs on a GPU)."""
     return device.type == "cuda" if setting is None else setting

@@ -704,8 +704,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     _log(cfg, f"{len(models)} models ({', '.join(models)}) x {len(plan.prompts)} prompts x {len(seeds)} seeds = "
               f"{total} images; metrics: {', '.join(METRICS[m] for m in plan.metrics) or 'none'}")
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    from spo_ray.components import connect_ray
+
+    connect_ray(cfg.ray.address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line of our own instead
     ds = build_eval_dataset(cfg, plan)
 

@@ -102,12 +102,6 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     return result
 
 
-def _telemetry(meters: dict[str, telemetry.RoleMeter], sampler: CandidatePoolSampler) -> dict[str, Any]:
-    """Per-role busy time and counters; roles share this one process (and its peak memory)."""
-    meters["sampler"].counters["unet_forwards"] = sampler.unet_forwards
-    return telemetry.summarize({role: {meter.actor: meter.snapshot()} for role, meter in meters.items()})
-
-
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json alone (cheap: no weights), {} when unreadable."""
     try:
@@ -207,7 +201,8 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
             break
         t_trained = time.time()
         num_pairs = len(pairs["pair_id"])
-        meters["sampler"].record(t0, t_sampled, prompts=len(rnd.prompt_ids))
+        forwards = sampler.unet_forwards - meters["sampler"].counters.get("unet_forwards", 0)
+        meters["sampler"].record(t0, t_sampled, prompts=len(rnd.prompt_ids), unet_forwards=forwards)
         meters["scorer"].record(t_sampled, t_scored, images_scored=stats.images, scoring_events=stats.events, kept=stats.kept)
         meters["trainer"].record(t_scored, t_trained, optimizer_steps=len(steps), pairs_trained=num_pairs)
         accounting.add(
@@ -278,7 +273,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         "accounting_problems": accounting.problems(),
         "seconds": time.time() - started,
         "stopped_by": stopped_by,
-        "telemetry": _telemetry(meters, sampler),
+        "telemetry": telemetry.summarize({role: {m.actor: m.snapshot()} for role, m in meters.items()}),
         "mlflow_run_id": tracker.run_id,
         "mlflow_tracking_uri": tracker.tracking_uri,
     }

@@ -41,6 +41,7 @@ from spo_ray.checkpointing import latest_checkpoint, load_trainable_weights, tra
 from spo_ray.components import (
     apply_fast_path,
     build_pool_scorer,
+    connect_ray,
     load_model,
     prompt_plan,
     resolve_device,
@@ -779,7 +780,7 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
                     {"round": rnd.index, "epoch": rnd.epoch, "policy_lag": round_lag, "kept_fraction": kept / max(events, 1),
                      "pairs_per_s": round_record["pairs_per_s"], "wait_seconds": waited, "round_loss": round_record["loss"],
                      "busy/trainer": train_seconds / max(elapsed, 1e-9), "busy/trainer_waiting": waited / max(elapsed, 1e-9),
-                     **ray.get(ledger.round_summary.remote(rnd.index)),
+                     **_actor_busy_fractions(cfg), **ray.get(ledger.round_summary.remote(rnd.index)),
                      **{f"accounting/{k}": v for k, v in accounting.to_dict().items()}},
                     step=max(global_step, tracker.last_step("round") + 1),
                 )
@@ -819,6 +820,15 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
             tracker.register_lora(final_dir, "final")
         (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
     ray.train.report({"policy_version": version, "global_step": global_step})
+
+
+def _actor_busy_fractions(cfg: SPOConfig) -> dict[str, float]:
+    """busy/sampler and busy/scorer so far (per actor, over the run's metered window)."""
+    roles = telemetry.collect(cfg.run.name).get("roles", {})
+    return {
+        f"busy/{role}": stats["busy_fraction"] for role, stats in roles.items()
+        if role in ("sampler", "scorer") and stats.get("busy_fraction") is not None
+    }
 
 
 def _image(png: bytes) -> Any:
@@ -928,8 +938,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     import yaml
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    connect_ray(cfg.ray.address)
     names = actor_names(cfg)
     for name in names.values():  # a previous attempt's coordinators (same run name) start over
         try:

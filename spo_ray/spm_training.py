@@ -883,7 +883,6 @@ def inspect_splits(cfg: SPMConfig) -> tuple[PreferenceSource, PreferenceSource |
 
 def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
     """Train an SPM on the Ray cluster this process is connected to (or a local one); returns the summary."""
-    import ray
     import yaml
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -899,8 +898,9 @@ def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
         f"held-out pairs: {eval_src.num_examples if eval_src else 0}",
         flush=True,
     )
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    from spo_ray.components import connect_ray
+
+    connect_ray(cfg.ray.address)
     datasets = {"train": build_stream(cfg, train_src, "train")}
     if eval_src is not None:
         datasets["eval"] = build_stream(cfg, eval_src, "eval")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 ROLES = ("sampler", "scorer", "trainer")
+MAX_INTERVALS = 10_000
 
 
 def peak_memory_bytes() -> dict[str, int]:
@@ -54,6 +55,11 @@ class RoleMeter:
     first_start: float | None = None  # the first busy interval's start
     last_end: float | None = None  # the last busy interval's end
     counters: dict[str, float] = field(default_factory=dict)
+    # Busy intervals (start, end, counts): rates and busy fractions over any window (e.g. steady
+    # state, start-up excluded). The oldest are dropped beyond MAX_INTERVALS.
+    intervals: list[tuple[float, float, dict[str, float]]] = field(default_factory=list)
+    recorded: int = 0  # intervals ever recorded, and how many of them were reported (see report)
+    reported: int = 0
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -69,13 +75,18 @@ class RoleMeter:
         self.first_start = started if self.first_start is None else min(self.first_start, started)
         self.last_end = ended if self.last_end is None else max(self.last_end, ended)
         self.add(**counts)
+        self.intervals.append((started, ended, dict(counts)))
+        del self.intervals[:-MAX_INTERVALS]
+        self.recorded += 1
 
     def add(self, **counts: float) -> None:
         for key, value in counts.items():
             self.counters[key] = self.counters.get(key, 0) + value
 
     def snapshot(self) -> dict[str, Any]:
-        return {**asdict(self), **peak_memory_bytes(), "time": time.time()}
+        # cpu_seconds: this process' CPU time (every thread), which other tenants of a shared
+        # machine barely change, unlike wall-clock rates.
+        return {**asdict(self), **peak_memory_bytes(), "cpu_seconds": time.process_time(), "time": time.time()}
 
 
 # ----------------------------------------------------------------------------- bytes per hop
@@ -132,7 +143,11 @@ class TelemetrySink:
         self.snapshots: dict[str, dict[str, dict[str, Any]]] = {}
 
     def report(self, snapshot: dict[str, Any]) -> None:
-        self.snapshots.setdefault(snapshot["role"], {})[snapshot["actor"]] = snapshot
+        """A snapshot whose ``intervals`` are the ones new since the actor's previous report."""
+        previous = self.snapshots.setdefault(snapshot["role"], {}).get(snapshot["actor"])
+        if previous is not None:
+            snapshot["intervals"] = (previous["intervals"] + snapshot["intervals"])[-MAX_INTERVALS:]
+        self.snapshots[snapshot["role"]][snapshot["actor"]] = snapshot
 
     def all(self) -> dict[str, dict[str, dict[str, Any]]]:
         return self.snapshots
@@ -162,7 +177,12 @@ def report(sink, meter: RoleMeter, *, wait: bool = False) -> None:
     """Send ``meter``'s snapshot (fire-and-forget unless ``wait``: a process about to exit waits)."""
     if sink is None:
         return
-    ref = sink.report.remote(meter.snapshot())
+    snapshot = meter.snapshot()
+    # Only the intervals since the last report travel (the sink appends): a long run's reports stay small.
+    new = min(meter.recorded - meter.reported, len(meter.intervals))
+    snapshot["intervals"] = snapshot["intervals"][len(snapshot["intervals"]) - new:]
+    meter.reported = meter.recorded
+    ref = sink.report.remote(snapshot)
     if wait:
         import ray
 
@@ -196,8 +216,9 @@ def collect(run_name: str) -> dict[str, Any]:
 
 
 def summarize(snapshots: dict[str, dict[str, dict[str, Any]]], window: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Per role: actors, summed counters and busy seconds, peak memory (max over actors) and the
-    busy fraction over a common window (default: first busy start to last busy end, all roles)."""
+    """Per role over a common window (default: first busy start to last busy end, all roles):
+    actors, busy seconds and fraction (per actor), counters of the work done in the window (an
+    interval straddling its edge counts pro rata), whole-run totals, peak memory (max over actors)."""
     starts = [s["first_start"] for role in snapshots.values() for s in role.values() if s.get("first_start")]
     ends = [s["last_end"] for role in snapshots.values() for s in role.values() if s.get("last_end")]
     if window is None and starts and ends:
@@ -205,17 +226,26 @@ def summarize(snapshots: dict[str, dict[str, dict[str, Any]]], window: tuple[flo
     span = max(window[1] - window[0], 1e-9) if window else None
     roles: dict[str, Any] = {}
     for role, actors in snapshots.items():
-        counters: dict[str, float] = {}
+        busy, counters, totals = 0.0, {}, {}
+        metered = any(snap.get("intervals") for snap in actors.values())
         for snap in actors.values():
             for key, value in snap.get("counters", {}).items():
-                counters[key] = counters.get(key, 0) + value
-        busy = sum(s.get("busy_seconds", 0.0) for s in actors.values())
+                totals[key] = totals.get(key, 0) + value
+            for started, ended, counts in snap.get("intervals", []):
+                overlap = max(0.0, min(ended, window[1]) - max(started, window[0])) if window else 0.0
+                share = overlap / (ended - started) if ended > started else float(window is not None and window[0] <= started <= window[1])
+                busy += overlap
+                for key, value in counts.items():
+                    counters[key] = counters.get(key, 0) + value * share
         roles[role] = {
             "actors": len(actors),
             "busy_seconds": busy,
-            "busy_fraction": (busy / (span * len(actors))) if span and actors else None,
+            # None for a role that meters no intervals (the Ray trainer: its round records hold its waits).
+            "busy_fraction": (busy / (span * len(actors))) if span and metered else None,
             "counters": counters,
+            "totals": totals,
+            "cpu_seconds": sum(s.get("cpu_seconds", 0.0) for s in actors.values()),
             "peak_rss_bytes": max((s.get("peak_rss_bytes", 0) for s in actors.values()), default=0),
             "peak_cuda_bytes": max((s.get("peak_cuda_bytes", 0) for s in actors.values()), default=0),
         }
-    return {"roles": roles, "window": list(window) if window else None}
+    return {"roles": roles, "window": list(window) if window else None, "snapshots": snapshots}

@@ -1,0 +1,625 @@
+"""`spo-ray bench`: both engines on identical work, one table (issue 7), FLOPs per kept pair by role (issue 9).
+
+    spo-ray bench --size bench --samplers 1 2 4 --rounds 4 --out bench-out
+
+Every engine run gets the same config (prompts, seeds, model, pool size, steps, rounds); the Ray
+runs differ only in the number of sampler actors (one scorer, one trainer worker, lag 1, one torch
+thread per actor). The Ray runs share one local cluster that this command starts itself
+(``ray.init(address="local")``, its own temp dir, no dashboard; logical CPUs are not the physical
+cores: 1, 2 and 4 samplers are logical resources on whatever the machine has).
+
+Sizes: ``tiny`` (tests), ``bench`` (SD1.5-shaped, UNet widths 128/256 at 32x32 latents: the UNet
+dominates a CPU run), and ``sd15`` / ``sdxl``: the published UNet/VAE/PickScore configs with random
+weights on the meta device, for FLOP counting (nothing is downloaded; the engines run only at the
+tiny and bench sizes).
+
+Throughput is measured in steady state: kept pairs of rounds 2..N over the time from the end of
+round 1 to the end of round N (start-up, model loading and Ray Train's start are excluded and
+reported separately as end-to-end rates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES = ("tiny", "bench", "sd15", "sdxl")
+RUNNABLE = ("tiny", "bench")
+TARGET_RATIO = 0.9  # distributed >= 0.9x in-process kept pairs/s
+TARGET_HOP = 1.5  # each hop's bytes <= 1.5x its tensor minimum
+# Pairs kept per scoring event assumed for the published sizes (not run here); the runnable sizes
+# use the kept fraction their own runs measured.
+ASSUMED_KEPT_FRACTION = 0.8
+BRIGHTNESS_SCALE = {"bench": 20000.0}
+
+# Published configs (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0, PickScore_v1 = CLIP ViT-H/14).
+PUBLISHED_UNET = {
+    "sd15": dict(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ),
+    "sdxl": dict(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+    ),
+}
+PUBLISHED_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+)
+PICKSCORE_CLIP = dict(
+    text_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "max_position_embeddings": 77, "vocab_size": 49408},
+    vision_config={"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                   "image_size": 224, "patch_size": 14},
+    projection_dim=1024,
+)
+# The paper presets' sampling and LoRA shapes (DESIGN.md section 1).
+PUBLISHED_SAMPLING = {"sd15": dict(pool_size=4, num_inner_steps=0), "sdxl": dict(pool_size=2, num_inner_steps=3)}
+PUBLISHED_LORA_RANK = {"sd15": 4, "sdxl": 64}
+
+
+@dataclass
+class BenchOptions:
+    size: str = "bench"
+    samplers: list[int] = field(default_factory=lambda: [1, 2, 4])
+    engines: list[str] = field(default_factory=lambda: ["in-process", "ray"])
+    rounds: int = 4
+    prompts_per_round: int = 4
+    steps: int = 10
+    out: str = "bench-out"
+    ray_cpus: int = 8  # logical CPUs of the local cluster (roles are 1 logical CPU each)
+    flops: bool = True
+    overrides: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` by torch's FlopCounterMode (a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def guided_forwards_per_prompt(num_steps: int, divert_start_step: int, pool_size: int, num_inner_steps: int) -> int:
+    """Guided UNet forwards (CFG counted once) one prompt's candidate-pool trajectory takes
+    (what ``CandidatePoolSampler.unet_forwards`` counts at run time)."""
+    from spo_ray.sampling import plan_segments
+
+    total = divert_start_step + 1  # plain steps, then the forward at the first branching x_t
+    for seg in plan_segments(num_steps, divert_start_step, num_inner_steps):
+        total += pool_size * (seg.num_transitions - 1)  # inner steps
+        if seg.start_step + seg.num_transitions < num_steps:
+            total += pool_size  # the forward that continues denoising gives the scored x0_hat
+    return total
+
+
+@dataclass
+class Shapes:
+    """What FLOP counting needs to know about one model size."""
+
+    kind: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    latent: int
+    cond_len: int
+    cond_dim: int
+    pooled_dim: int | None
+    clip: dict[str, Any] | None  # the preference model's CLIP config; None = the brightness rule
+    lora_rank: int
+
+
+def shapes_for(size: str, kind: str = "sd15") -> Shapes:
+    if size in RUNNABLE:
+        from spo_ray import tiny
+
+        unet = tiny.unet_config(kind, size)
+        pooled = tiny.TEXT_PROJECTION if kind == "sdxl" else None
+        return Shapes(kind, unet, tiny.vae_config(kind, size), unet["sample_size"], tiny.MAX_LENGTH,
+                      unet["cross_attention_dim"], pooled, None, 4)
+    unet = PUBLISHED_UNET[size]
+    return Shapes(size, unet, PUBLISHED_VAE, unet["sample_size"], 77, unet["cross_attention_dim"],
+                  1280 if size == "sdxl" else None, PICKSCORE_CLIP, PUBLISHED_LORA_RANK[size])
+
+
+def _meta_unet(shapes: Shapes, lora: bool):
+    from diffusers import UNet2DConditionModel
+
+    from spo_ray.config import TrainConfig
+    from spo_ray.training import add_lora
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**shapes.unet)
+    if lora:
+        add_lora(unet, TrainConfig(lora_rank=shapes.lora_rank))
+    return unet
+
+
+def _unet_call(unet, shapes: Shapes, batch: int):
+    """One UNet call on ``batch`` latents (meta tensors) with the size's conditioning."""
+    dev = next(unet.parameters()).device
+    x = torch.zeros(batch, 4, shapes.latent, shapes.latent, device=dev)
+    cond = torch.zeros(batch, shapes.cond_len, shapes.cond_dim, device=dev)
+    added = None
+    if shapes.pooled_dim is not None:
+        added = {"text_embeds": torch.zeros(batch, shapes.pooled_dim, device=dev), "time_ids": torch.zeros(batch, 6, device=dev)}
+    t = torch.full((batch,), 500, device=dev, dtype=torch.long)
+    return unet(x, t, encoder_hidden_states=cond, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def unet_flops(shapes: Shapes) -> dict[str, int]:
+    """Per latent sample: a plain forward; a LoRA policy forward + backward; a frozen forward."""
+    plain = _meta_unet(shapes, lora=False)
+    with torch.no_grad():
+        forward = count_flops(lambda: _unet_call(plain, shapes, 1))
+    policy = _meta_unet(shapes, lora=True)
+    train = count_flops(lambda: _unet_call(policy, shapes, 1).float().sum().backward())
+    return {"forward": forward, "policy_fwd_bwd": train, "reference_fwd": forward}
+
+
+def vae_decode_flops(shapes: Shapes) -> int:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**shapes.vae)
+    z = torch.zeros(1, 4, shapes.latent, shapes.latent, device="meta")
+    with torch.no_grad():
+        return count_flops(lambda: vae.decode(z))
+
+
+def spm_flops(shapes: Shapes) -> dict[str, int]:
+    """The step-aware preference model: the vision tower per image (at a timestep), the text tower per prompt."""
+    if shapes.clip is None:
+        return {"vision_per_image": 0, "text_per_prompt": 0}
+    from transformers import CLIPConfig, CLIPModel
+
+    from spo_ray.spm import StepAwarePreferenceModel
+
+    with torch.device("meta"):
+        spm = StepAwarePreferenceModel.from_clip(CLIPModel(CLIPConfig(**shapes.clip)))
+    image_size = shapes.clip["vision_config"]["image_size"]
+    px = torch.zeros(1, 3, image_size, image_size, device="meta")
+    ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        vision = count_flops(lambda: spm.image_embeds(px, torch.tensor([500], device="meta")))
+        text = count_flops(lambda: spm.text_embeds(ids))
+    return {"vision_per_image": vision, "text_per_prompt": text}
+
+
+def training_inputs_per_pair(seg_len: int) -> dict[str, int]:
+    """Distinct UNet inputs per kept pair: the first transition shares x_t (one forward for both
+    after issue 9; the reference ran winner and loser separately), later ones are distinct."""
+    return {"before": 2 * seg_len, "after": 1 + 2 * (seg_len - 1)}
+
+
+def flops_report(size: str, *, num_steps: int, divert_start_step: int, pool_size: int, num_inner_steps: int,
+                 kept_fraction: float, kind: str = "sd15") -> dict[str, Any]:
+    """FLOPs per kept pair by role, before and after issue 9 (meta-device counts, CFG included)."""
+    shapes = shapes_for(size, kind)
+    unet = unet_flops(shapes)
+    decode = vae_decode_flops(shapes)
+    spm = spm_flops(shapes)
+    from spo_ray.sampling import plan_segments
+
+    segments = plan_segments(num_steps, divert_start_step, num_inner_steps)
+    events = len(segments)
+    images = events * pool_size
+    kept = events * kept_fraction
+    forwards = guided_forwards_per_prompt(num_steps, divert_start_step, pool_size, num_inner_steps)
+    sampler = forwards * 2 * unet["forward"]  # CFG: two latents per guided forward
+    per_input = 2 * (unet["policy_fwd_bwd"] + unet["reference_fwd"])  # policy fwd+bwd and reference fwd, CFG
+    out: dict[str, Any] = {
+        "size": size, "kind": shapes.kind, "unet_forward_per_sample": unet["forward"],
+        "unet_policy_fwd_bwd_per_sample": unet["policy_fwd_bwd"], "vae_decode_per_image": decode,
+        "spm_vision_per_image": spm["vision_per_image"], "spm_text_per_prompt": spm["text_per_prompt"],
+        "guided_forwards_per_prompt": forwards, "scoring_events_per_prompt": events, "images_per_prompt": images,
+        "kept_fraction": kept_fraction, "transitions_per_pair": [s.num_transitions for s in segments],
+    }
+    for when in ("before", "after"):
+        # Scorer: every image decoded and scored; the text tower per image before, per prompt after.
+        text = spm["text_per_prompt"] * (images if when == "before" else 1)
+        scorer = images * (decode + spm["vision_per_image"]) + text
+        inputs = sum(training_inputs_per_pair(s.num_transitions)[when] for s in segments) / events
+        trainer_per_pair = inputs * per_input
+        roles = {"sampler": sampler / max(kept, 1e-9), "scorer": scorer / max(kept, 1e-9), "trainer": trainer_per_pair}
+        total = sum(roles.values())
+        out[when] = {"per_kept_pair": roles, "total_per_kept_pair": total,
+                     "training_share": roles["trainer"] / total, "training_inputs_per_pair": inputs}
+    return out
+
+
+def training_flops_measured(cfg, num_pairs: int = 2) -> dict[str, float]:
+    """FLOPs per transition pair of the project's own ``microbatch_loss`` + backward (the real
+    code path, CPU tensors), with the shared x_t (after) and with every input forwarded (before)."""
+    from spo_ray.components import load_model
+    from spo_ray.training import expand_transitions, microbatch_loss, setup_policy
+
+    model = load_model(cfg, torch.device("cpu"), ("unet", "text"))
+    frozen = setup_policy(model.unet, cfg.train)
+    shape = model.latent_shape
+    gen = torch.Generator().manual_seed(0)
+    cond = model.encode_prompts(["a photo"] * num_pairs)
+    pairs = {
+        "pair_id": torch.arange(num_pairs), "policy_version": torch.zeros(num_pairs, dtype=torch.long),
+        "seg_len": torch.ones(num_pairs, dtype=torch.long), "timesteps": torch.full((num_pairs, 1), 501),
+        "x_t": torch.randn(num_pairs, *shape, generator=gen),
+        "win": torch.randn(num_pairs, 1, *shape, generator=gen), "lose": torch.randn(num_pairs, 1, *shape, generator=gen),
+        "score_win": torch.ones(num_pairs), "score_lose": torch.zeros(num_pairs),
+        **{f"cond_{k}": torch.from_numpy(v) for k, v in cond.as_dict().items()},
+    }
+    batch = expand_transitions(pairs)
+    out = {}
+    for when, shared in (("after", batch["shared"]), ("before", torch.zeros_like(batch["shared"]))):
+        step = {**batch, "shared": shared}
+
+        def run(step=step) -> None:
+            loss, _ = microbatch_loss(model, model.unet, frozen, step, cfg.train, cfg.sampling)
+            loss.backward()
+
+        out[when] = count_flops(run) / num_pairs
+    return out
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """The device's measured dense matmul rate (FLOP/s) in ``dtype``: the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    reps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        reps += 1
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - started)
+
+
+def gpu_unet_mfu(size: str, batch: int = 8) -> dict[str, float]:
+    """On a GPU: the published UNet with random bf16 weights, guided forward and LoRA training step
+    throughput against the device's measured bf16 matmul rate. (Not run on a CPU.)"""
+    from diffusers import UNet2DConditionModel
+
+    from spo_ray.config import TrainConfig
+    from spo_ray.training import add_lora
+
+    shapes = shapes_for(size)
+    dev = torch.device("cuda")
+    unet = UNet2DConditionModel(**shapes.unet).to(dev, torch.bfloat16).eval()
+    add_lora(unet, TrainConfig(lora_rank=shapes.lora_rank))
+    flops = unet_flops(shapes)
+    peak = measured_peak_flops(dev, torch.bfloat16, n=8192)
+    result = {"peak_bf16_flops": peak}
+    for name, grad in (("forward", False), ("policy_fwd_bwd", True)):
+        def step(grad=grad) -> None:
+            with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16):
+                out = _unet_call(unet, shapes, batch)
+                if grad:
+                    out.float().sum().backward()
+
+        step()
+        torch.cuda.synchronize()
+        started, reps = time.perf_counter(), 0
+        while time.perf_counter() - started < 3.0:
+            step()
+            reps += 1
+        torch.cuda.synchronize()
+        rate = flops[name] * batch * reps / (time.perf_counter() - started)
+        result[f"{name}_flops_per_s"] = rate
+        result[f"{name}_mfu"] = rate / peak
+    return result
+
+
+# ----------------------------------------------------------------------------- engine runs
+
+
+def bench_config(opts: BenchOptions, engine: str, samplers: int):
+    """The one config every engine run shares (only the run name and the sampler count differ)."""
+    from spo_ray.config import load_config
+    from spo_ray.tiny import ensure_tiny_pipeline
+
+    prompts = opts.rounds * opts.prompts_per_round
+    # The brightness rule's gaps shrink with image size (a mean over 256x256 pixels): this scale
+    # keeps ~60% of scoring events at the bench size, as the preset's 5000 does at the tiny size.
+    scale = [f"scorer.kwargs={{scale: {BRIGHTNESS_SCALE[opts.size]}}}"] if opts.size in BRIGHTNESS_SCALE else []
+    overrides = [*scale,
+        f"model.pretrained={ensure_tiny_pipeline('sd15', opts.size)}", "model.dtype=fp32",
+        f"sampling.num_steps={opts.steps}", f"sampling.prompts_per_round={opts.prompts_per_round}",
+        f"train.epochs={max(1, math.ceil(prompts / 16))}", "data.max_prompts=16",  # the 16 demo prompts
+        f"run.max_rounds={opts.rounds}", "run.checkpoint_every_rounds=0", "run.progress=false", "run.device=cpu",
+        "tracking.enabled=false", f"run.output_dir={Path(opts.out).resolve() / 'runs'}",
+        f"run.name=bench-{engine}-{samplers}",
+        f"ray.num_samplers={samplers}", "ray.num_scorers=1", "ray.num_trainers=1", "ray.max_policy_lag=1",
+        "ray.torch_threads_per_actor=1",  # roles do not oversubscribe the cores
+        *opts.overrides,
+    ]
+    return load_config("tiny-sd15", overrides=overrides)
+
+
+def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def measure_run(engine: str, summary: dict[str, Any], run_dir: Path, wall: float, samplers: int) -> dict[str, Any]:
+    """One engine run's row. Every rate and fraction is over the steady window, from the end of
+    round 1 to the end of round N (start-up excluded), the same definition for both engines."""
+    from spo_ray import telemetry
+
+    rounds = sorted(_records(run_dir, "round"), key=lambda r: r["round"])
+    if len(rounds) < 2:
+        raise ValueError(f"{run_dir}: the benchmark needs at least 2 rounds to measure a steady state")
+    steady = rounds[1:]
+    window = (rounds[0]["time"], rounds[-1]["time"])
+    span = max(window[1] - window[0], 1e-9)
+    pairs = sum(len(r.get("pair_ids", [])) for r in steady)
+    steady_ids = {r["round"] for r in steady}
+    steps = sum(1 for r in _records(run_dir, "step") if r.get("round") in steady_ids)
+    tel = telemetry.summarize(summary.get("telemetry", {}).get("snapshots", {}), window)["roles"]
+    sampler, scorer, trainer = (tel.get(r, {}) for r in ("sampler", "scorer", "trainer"))
+    if engine == "ray":  # rank 0's round records: round r trains between the ends of rounds r-1 and r
+        waits = sum(r.get("wait_seconds", 0.0) for r in steady)
+        trainer_busy = span - waits
+    else:
+        waits, trainer_busy = 0.0, trainer.get("busy_seconds", 0.0)
+    n_samplers, n_scorers = max(sampler.get("actors", 1), 1), max(scorer.get("actors", 1), 1)
+    busy = {
+        "sampler": sampler.get("busy_seconds", 0.0) / span / n_samplers,
+        "scorer": scorer.get("busy_seconds", 0.0) / span / n_scorers,
+        "trainer": trainer_busy / span,
+    }
+    sc, so = sampler.get("counters", {}), scorer.get("counters", {})
+    st, sot = sampler.get("totals", {}), scorer.get("totals", {})
+    acc = summary["accounting"]
+    lags = summary.get("lags") or [0] * len(rounds)
+    row: dict[str, Any] = {
+        "engine": engine, "samplers": samplers if engine == "ray" else None, "rounds": len(rounds),
+        "kept_pairs_per_s": pairs / span, "steady_window_s": span, "steady_pairs": pairs,
+        "kept_pairs_per_s_end_to_end": acc["trained"] / max(wall, 1e-9), "wall_s": wall,
+        "kept": acc["kept"], "scoring_events": acc["scoring_events"], "optimizer_steps": acc["optimizer_steps"],
+        "unet_forwards_per_s_per_sampler": sc.get("unet_forwards", 0) / span / n_samplers,
+        "images_scored_per_s_per_scorer": so.get("images_scored", 0) / span / n_scorers,
+        "optimizer_steps_per_s": steps / span,
+        "busy_fraction": busy,
+        "wall_split": {"sampling": busy["sampler"], "scoring": busy["scorer"], "training": busy["trainer"],
+                       "waiting": waits / span},
+        "peak_rss_mib": {r: tel.get(r, {}).get("peak_rss_bytes", 0) / 2**20 for r in ("sampler", "scorer", "trainer")},
+        "policy_lag": {str(k): v for k, v in sorted(Counter(int(x) for x in lags).items())},  # JSON keys
+        "unet_forwards": st.get("unet_forwards", 0), "prompts": acc["prompts"],
+        # Whole run, the engine's own processes (in process: one process for all roles; on Ray the
+        # role actors, not Ray's own daemons): robust to other tenants, unlike wall-clock rates.
+        "cpu_seconds": (sampler.get("cpu_seconds", 0.0) if engine == "in-process"
+                        else sum(tel.get(r, {}).get("cpu_seconds", 0.0) for r in ("sampler", "scorer", "trainer"))),
+    }
+    row["cpu_seconds_per_kept_pair"] = row["cpu_seconds"] / max(acc["kept"], 1)
+    if engine == "ray":
+        row["hops"] = {
+            "sampler_to_scorer": {
+                "bytes": st.get("bytes_out", 0), "min_bytes": st.get("min_bytes_out", 0),
+                "per_scoring_event": st.get("bytes_out", 0) / max(acc["scoring_events"], 1),
+                "min_per_scoring_event": st.get("min_bytes_out", 0) / max(acc["scoring_events"], 1),
+                "ratio": st.get("bytes_out", 0) / max(st.get("min_bytes_out", 1), 1),
+            },
+            "scorer_to_trainer": {
+                "bytes": sot.get("bytes_out", 0), "min_bytes": sot.get("min_bytes_out", 0),
+                "per_kept_pair": sot.get("bytes_out", 0) / max(acc["kept"], 1),
+                "min_per_kept_pair": sot.get("min_bytes_out", 0) / max(acc["kept"], 1),
+                "ratio": sot.get("bytes_out", 0) / max(sot.get("min_bytes_out", 1), 1),
+            },
+        }
+        row["bottleneck"] = max(busy, key=busy.get)  # the busiest role (per actor) bounds the stream
+    return row
+
+
+def run_in_process_bench(opts: BenchOptions) -> dict[str, Any]:
+    from spo_ray.local_engine import run_in_process
+
+    cfg = bench_config(opts, "in-process", 1)
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no appended metrics, no resume
+    started, load = time.time(), os.getloadavg()[0]
+    summary = run_in_process(cfg)
+    row = measure_run("in-process", summary, cfg.run_dir, time.time() - started, 1)
+    return {**row, "load_average": [load, os.getloadavg()[0]]}
+
+
+def start_local_ray(opts: BenchOptions) -> None:
+    """A local cluster of this process' own (own temp dir, random ports, no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # ray.train.report blocks ~1.5 s per call otherwise
+        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions"),
+        "OMP_NUM_THREADS": "1",
+    }
+    os.environ.update({k: v for k, v in env.items() if k != "OMP_NUM_THREADS"})
+    ray.init(
+        address="local", num_cpus=opts.ray_cpus, include_dashboard=False, log_to_driver=False,
+        _temp_dir=f"/tmp/ray-spo-bench-{os.getpid()}", runtime_env={"env_vars": env},
+    )
+
+
+def run_ray_bench(opts: BenchOptions, samplers: int) -> dict[str, Any]:
+    from spo_ray.ray_engine import run_on_ray
+
+    cfg = bench_config(opts, "ray", samplers)
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no appended metrics, no resume
+    start_local_ray(opts)
+    started, load = time.time(), os.getloadavg()[0]
+    summary = run_on_ray(cfg)
+    row = measure_run("ray", summary, cfg.run_dir, time.time() - started, samplers)
+    return {**row, "load_average": [load, os.getloadavg()[0]]}
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def machine() -> dict[str, Any]:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": gpu, "platform": platform.platform(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _tflop(x: float) -> str:
+    return f"{x / 1e12:.3g} T" if x >= 1e11 else f"{x / 1e9:.3g} G"
+
+
+def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each from this run: the ratio at one sampler (1 thread per role: the
+    roles exactly fill 2 cores) and the hop bytes of every Ray run."""
+    base = next((r for r in rows if r["engine"] == "in-process"), None)
+    targets = []
+    for row in rows:
+        if row["engine"] != "ray":
+            continue
+        if base is not None:
+            ratio = row["kept_pairs_per_s"] / max(base["kept_pairs_per_s"], 1e-12)
+            row["ratio_vs_in_process"] = ratio
+            if row["samplers"] == min(r["samplers"] for r in rows if r["engine"] == "ray"):
+                targets.append({"target": f"ray ({row['samplers']} sampler) >= {TARGET_RATIO}x in-process kept pairs/s",
+                                "value": ratio, "met": ratio >= TARGET_RATIO})
+        for hop, h in row["hops"].items():
+            targets.append({"target": f"{hop} bytes <= {TARGET_HOP}x tensor minimum ({row['samplers']} samplers)",
+                            "value": h["ratio"], "met": h["ratio"] <= TARGET_HOP})
+    return targets
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    rows = result["runs"]
+    heads = [("in-process" if r["engine"] == "in-process" else f"ray, {r['samplers']} sampler(s)") for r in rows]
+    lines = [f"Size `{result['options']['size']}`: {result['options']['rounds']} rounds x "
+             f"{result['options']['prompts_per_round']} prompts, {result['options']['steps']} DDIM steps, pool k=4, "
+             "lag 1, one trainer worker, one scorer, 1 torch thread per Ray actor.", "",
+             "| | " + " | ".join(heads) + " |", "|---|" + "---|" * len(rows)]
+
+    def add(name: str, values: list[str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+
+    if not rows:  # the published sizes: FLOP counting only (the engines run at tiny and bench)
+        lines = []
+
+    if rows:
+        add("**kept pairs/s** (steady: rounds 2..N; all rates below too)", [_fmt(r["kept_pairs_per_s"], 3) for r in rows])
+        add("ratio distributed / in-process", [_fmt(r.get("ratio_vs_in_process")) if r["engine"] == "ray" else "1.00" for r in rows])
+        add("kept pairs/s end to end (incl. start-up)", [_fmt(r["kept_pairs_per_s_end_to_end"], 3) for r in rows])
+        add("UNet forwards/s per sampler", [_fmt(r["unet_forwards_per_s_per_sampler"]) for r in rows])
+        add("images scored/s per scorer", [_fmt(r["images_scored_per_s_per_scorer"]) for r in rows])
+        add("optimizer steps/s", [_fmt(r["optimizer_steps_per_s"], 3) for r in rows])
+        add("busy fraction sampler / scorer / trainer",
+            [" / ".join(_fmt(r["busy_fraction"][k]) for k in ("sampler", "scorer", "trainer")) for r in rows])
+        add("wall split sampling / scoring / training / waiting",
+            [" / ".join(_fmt(r["wall_split"][k]) for k in ("sampling", "scoring", "training", "waiting")) for r in rows])
+        add("sampler -> scorer bytes per scoring event (x min)",
+            [f"{_fmt(r['hops']['sampler_to_scorer']['per_scoring_event'], 0)} ({_fmt(r['hops']['sampler_to_scorer']['ratio'], 3)}x)"
+             if "hops" in r else "in memory" for r in rows])
+        add("scorer -> trainer bytes per kept pair (x min)",
+            [f"{_fmt(r['hops']['scorer_to_trainer']['per_kept_pair'], 0)} ({_fmt(r['hops']['scorer_to_trainer']['ratio'], 3)}x)"
+             if "hops" in r else "in memory" for r in rows])
+        add("peak RSS MiB sampler / scorer / trainer",
+            [" / ".join(_fmt(r["peak_rss_mib"][k], 0) for k in ("sampler", "scorer", "trainer")) for r in rows])
+        add("policy lag (rounds: count)", [", ".join(f"{k}: {v}" for k, v in r["policy_lag"].items()) for r in rows])
+        add("bottleneck role", [r.get("bottleneck", "-") for r in rows])
+        add("CPU seconds per kept pair (whole run, engine processes)", [_fmt(r["cpu_seconds_per_kept_pair"]) for r in rows])
+        add("wall seconds", [_fmt(r["wall_s"], 0) for r in rows])
+        add("machine load average (1 min) before / after", [" / ".join(_fmt(x, 1) for x in r["load_average"]) for r in rows])
+
+    if result.get("flops"):
+        f = result["flops"]
+        lines += ["", f"FLOPs (FlopCounterMode; multiply-add = 2), size `{f['size']}`: UNet forward "
+                  f"{_tflop(f['unet_forward_per_sample'])}FLOP per sample, VAE decode {_tflop(f['vae_decode_per_image'])}FLOP "
+                  f"per image, SPM {_tflop(f['spm_vision_per_image'])}FLOP per image + {_tflop(f['spm_text_per_prompt'])}FLOP "
+                  f"text; kept fraction {f['kept_fraction']:.2f}.", "",
+                  "| per kept pair | sampler | scorer | trainer | total | training share |", "|---|---|---|---|---|---|"]
+        for when in ("before", "after"):
+            w = f[when]
+            roles = w["per_kept_pair"]
+            lines.append(f"| {when} | " + " | ".join(_tflop(roles[k]) + "FLOP" for k in ("sampler", "scorer", "trainer"))
+                         + f" | {_tflop(w['total_per_kept_pair'])}FLOP | {w['training_share']:.1%} |")
+        if "measured_training" in f:
+            m = f["measured_training"]
+            lines.append("")
+            lines.append(f"Project code (`microbatch_loss` + backward, CPU) per transition pair: after "
+                         f"{_tflop(m['after'])}FLOP, before {_tflop(m['before'])}FLOP (x{m['before'] / max(m['after'], 1):.2f}).")
+        if "achieved" in f:
+            a = f["achieved"]
+            lines.append(f"Achieved {a['flops_per_s'] / 1e9:.1f} GFLOP/s (in-process, steady) = {a['mfu']:.1%} of this "
+                         f"machine's measured fp32 matmul rate ({a['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).")
+    if result.get("targets"):
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['target']} | {_fmt(t['value'], 3)} | {'yes' if t['met'] else '**no**'} |")
+    m = result["machine"]
+    lines += ["", f"Machine: {m['cpu_cores']} CPU cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}, "
+              f"torch {m['torch']}; {result['seconds']:.0f} s in all."]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the suite; write ``bench.json`` and ``bench.md`` under ``opts.out``; return the result."""
+    if opts.size not in SIZES:
+        raise ValueError(f"unknown size {opts.size!r}; expected one of {SIZES}")
+    started = time.time()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"options": asdict(opts), "machine": machine(), "runs": []}
+    if opts.size in RUNNABLE:
+        if "in-process" in opts.engines:
+            result["runs"].append(run_in_process_bench(opts))
+        if "ray" in opts.engines:
+            for n in opts.samplers:
+                result["runs"].append(run_ray_bench(opts, n))
+        result["targets"] = evaluate_targets(result["runs"])
+    if opts.flops:
+        runs = result["runs"]
+        kept_fraction = (statistics.mean(r["kept"] / max(r["scoring_events"], 1) for r in runs)
+                         if runs else ASSUMED_KEPT_FRACTION)
+        sampling = dict(num_steps=opts.steps, divert_start_step=4, pool_size=4, num_inner_steps=0)
+        if opts.size not in RUNNABLE:
+            sampling = dict(num_steps=20, divert_start_step=4, **PUBLISHED_SAMPLING[opts.size])
+        flops = flops_report(opts.size, kept_fraction=kept_fraction, **sampling)
+        if opts.size in RUNNABLE:
+            flops["measured_training"] = training_flops_measured(bench_config(opts, "flops", 1))
+            base = next((r for r in runs if r["engine"] == "in-process"), None)
+            if base is not None:
+                peak = measured_peak_flops(torch.device("cpu"), torch.float32, n=1024)
+                rate = flops["after"]["total_per_kept_pair"] * base["kept_pairs_per_s"]
+                flops["achieved"] = {"flops_per_s": rate, "peak_flops_per_s": peak, "mfu": rate / peak}
+        elif torch.cuda.is_available():
+            flops["gpu"] = gpu_unet_mfu(opts.size)
+        result["flops"] = flops
+    result["seconds"] = time.time() - started
+    result["markdown"] = render_markdown(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "bench.md").write_text(result["markdown"])
+    return result
