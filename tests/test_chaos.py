@@ -7,6 +7,8 @@ run completes with exact accounting and that no pair is trained twice.
 - a dead trainer worker: Ray Train restarts the worker group (FailureConfig); it resumes from the
   latest checkpoint, the policy store rolls back to that version and the stream is rebuilt from
   the checkpoint's prompt position.
+- a job stopped with `ray job stop` and re-submitted with the same run name on another trainer
+  world size (full fine-tuning) resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -92,3 +94,50 @@ def test_killed_sampler_scorer_and_trainer_lose_nothing(ray_cluster, tmp_path):
     assert "trainer resumed from" in logs and "(prompt-plan position 2," in logs
     assert len(_rounds_logged(run_dir)) > rounds
     assert summary["redone_after_restart"]["prompts"] >= 4
+
+
+def test_stopped_full_finetuning_job_resumes_on_another_world_size(ray_cluster, tmp_path):
+    """`ray job stop` after the first checkpoint, then the same run name re-submitted with one
+    trainer worker instead of two: full fine-tuning (every UNet weight and its whole Adam moments
+    are in the checkpoint, so the world size may change) resumes and finishes with exact accounting."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster)
+    rounds = 4
+    common = [
+        "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", f"run.max_rounds={rounds}", "run.checkpoint_every_rounds=2",
+        "train.lora=false", "train.learning_rate=1e-4", "ray.num_samplers=2", "tracking.enabled=false",
+    ]
+    job_id = client.submit_job(
+        entrypoint="python jobs/spo_sd15.py " + " ".join([*common, "ray.num_trainers=2", "train.test_delay_s=1.0"]),
+        runtime_env={"working_dir": str(REPO), "env_vars": JOB_ENV},
+    )
+    run_dir = tmp_path / "tiny-sd15"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run_dir / "checkpoints" / "round-0000002").is_dir():
+        assert client.get_job_status(job_id) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(job_id)[-4000:]
+        time.sleep(0.5)
+    client.stop_job(job_id)
+    while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(0.5)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED
+    assert not (run_dir / "summary.json").exists()
+
+    job_id = client.submit_job(
+        entrypoint="python jobs/spo_sd15.py " + " ".join([*common, "ray.num_trainers=1"]),
+        runtime_env={"working_dir": str(REPO), "env_vars": JOB_ENV},
+    )
+    while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-6000:]
+    assert "trainer resumed from" in logs and "(prompt-plan position 2," in logs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    a = summary["accounting"]
+    assert summary["accounting_problems"] == [] and summary["world_size"] == 1
+    assert a["prompts"] == rounds * 4 and a["kept"] == a["trained"] > 0
+    last_by_round = {r["round"]: r for r in _rounds_logged(run_dir)}
+    assert sorted(last_by_round) == list(range(rounds))
+    trained_ids = [pid for r in last_by_round.values() for pid in r["pair_ids"]]
+    assert len(trained_ids) == len(set(trained_ids)) == a["trained"]
+    assert (run_dir / "final" / "unet" / "config.json").is_file()  # a full UNet export
