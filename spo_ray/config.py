@@ -152,8 +152,21 @@ class RunConfig:
     progress: bool = True
 
 
+class ConfigRoot:
+    """What every top-level config (SPO training, evaluation, SPM training) shares."""
+
+    run: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
 @dataclass
-class SPOConfig:
+class SPOConfig(ConfigRoot):
     preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -163,13 +176,6 @@ class SPOConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
 
 
 # ----------------------------------------------------------------------------- loading
@@ -275,6 +281,42 @@ def _override_to_dict(override: str) -> dict[str, Any]:
     return nested
 
 
+COMMANDS = {"spo": "spo-ray train", "eval": "spo-ray evaluate", "spm": "spo-ray train-spm"}
+
+
+def layer_config(
+    cfg: Any,
+    kind: str,
+    preset: str | None,
+    config_file: str | Path | None,
+    overrides: list[str] | None,
+    *,
+    accumulate: tuple[str, ...] = (),
+) -> Any:
+    """Merge into the config dataclass ``cfg``: the preset of ``kind`` (a name or a YAML path),
+    then a YAML file, then dotted overrides; make ``run.output_dir`` absolute. An override of a
+    mapping named in ``accumulate`` (``tuned.NAME=PATH``) adds one entry instead of replacing it."""
+    if preset:
+        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            label = {"spo": "", "eval": "evaluation ", "spm": "SPM "}[kind]
+            raise ConfigError(f"unknown {label}preset '{preset}' (available: {', '.join(available_presets(kind))})")
+        if path.parent == PRESET_DIR and preset_kind(path.stem) != kind:
+            raise ConfigError(f"preset '{preset}' is not for `{COMMANDS[kind]}`: it is for `{COMMANDS[preset_kind(path.stem)]}`")
+        _merge(cfg, _read_yaml(path), "")
+        cfg.preset = path.stem
+    if config_file:
+        _merge(cfg, _read_yaml(Path(config_file)), "")
+    for override in overrides or []:
+        data = _override_to_dict(override)
+        (key,) = data
+        if key in accumulate and isinstance(data[key], dict):
+            data = {key: {**getattr(cfg, key), **data[key]}}
+        _merge(cfg, data, "")
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    return cfg
+
+
 def load_config(
     preset: str | None = None,
     *,
@@ -283,21 +325,7 @@ def load_config(
     validate: bool = True,
 ) -> SPOConfig:
     """Preset, then YAML file, then dotted overrides; validated. ``preset`` may be a YAML path."""
-    cfg = SPOConfig()
-    if preset:
-        preset_path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-        if not preset_path.is_file():
-            raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(available_presets())})")
-        if preset_path.parent == PRESET_DIR and preset_kind(preset_path.stem) != "spo":
-            command = {"eval": "spo-ray evaluate", "spm": "spo-ray train-spm"}[preset_kind(preset_path.stem)]
-            raise ConfigError(f"preset '{preset}' is not an SPO training preset: it is for `{command}`")
-        _merge(cfg, _read_yaml(preset_path), "")
-        cfg.preset = preset_path.stem
-    if config_file:
-        _merge(cfg, _read_yaml(Path(config_file)), "")
-    for override in overrides or []:
-        _merge(cfg, _override_to_dict(override), "")
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    cfg = layer_config(SPOConfig(), "spo", preset, config_file, overrides)
     if validate:
         validate_config(cfg)
     return cfg

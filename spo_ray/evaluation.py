@@ -37,16 +37,15 @@ import numpy as np
 import torch
 
 from spo_ray.config import (
-    PRESET_DIR,
     ConfigError,
+    ConfigRoot,
     ModelConfig,
     RoleResources,
     SamplingConfig,
     TrackingConfig,
     _merge,
-    _override_to_dict,
-    _read_yaml,
     available_presets,
+    layer_config,
 )
 from spo_ray.export import LORA_WEIGHT_NAME
 from spo_ray.prompts import PromptFileError, default_prompt_file, load_prompts
@@ -126,7 +125,7 @@ class EvalRunConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ConfigRoot):
     """Field names mirror SPOConfig where they mean the same (model, run.device, tracking, run_dir), so the
     shared helpers (components.load_model, tracking.RunTracker) take it as they take a training config."""
 
@@ -140,13 +139,6 @@ class EvalConfig:
     ray: EvalRayConfig = field(default_factory=EvalRayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: EvalRunConfig = field(default_factory=EvalRunConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
 
     @property
     def model_names(self) -> list[str]:
@@ -170,23 +162,7 @@ def load_eval_config(
     validate: bool = True,
 ) -> EvalConfig:
     """Preset, then YAML file, then dotted overrides (``tuned.NAME=PATH`` adds one tuned model); validated."""
-    cfg = EvalConfig()
-    if preset:
-        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown evaluation preset '{preset}' (available: {', '.join(eval_presets())})")
-        _merge(cfg, _read_yaml(path), "")
-        cfg.preset = path.stem
-    if config_file:
-        _merge(cfg, _read_yaml(Path(config_file)), "")
-    for override in overrides or []:
-        key = override.split("=", 1)[0].strip()
-        if key.startswith("tuned.") and "=" in override:
-            # Added one by one (a plain merge would replace the whole mapping with each override).
-            _merge(cfg, {"tuned": {**cfg.tuned, **_override_to_dict(override)["tuned"]}}, "")
-        else:
-            _merge(cfg, _override_to_dict(override), "")
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    cfg = layer_config(EvalConfig(), "eval", preset, config_file, overrides, accumulate=("tuned",))
     if validate:
         validate_eval_config(cfg)
     return cfg

@@ -15,7 +15,6 @@ renders the same whichever actor renders it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import hashlib
 import io
@@ -33,13 +32,12 @@ import torch.nn.functional as F
 
 from spo_ray import rng
 from spo_ray.config import (
-    PRESET_DIR,
     ConfigError,
+    ConfigRoot,
     RoleResources,
     _merge,
-    _override_to_dict,
-    _read_yaml,
     available_presets,
+    layer_config,
 )
 
 log = logging.getLogger("spo_ray")
@@ -144,7 +142,7 @@ class SPMRunConfig:
 
 
 @dataclass
-class SPMConfig:
+class SPMConfig(ConfigRoot):
     preset: str = ""
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     spm: NetConfig = field(default_factory=NetConfig)
@@ -153,13 +151,6 @@ class SPMConfig:
     eval: SPMEvalConfig = field(default_factory=SPMEvalConfig)
     ray: SPMRayConfig = field(default_factory=SPMRayConfig)
     run: SPMRunConfig = field(default_factory=SPMRunConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
 
 
 def spm_presets() -> list[str]:
@@ -183,18 +174,7 @@ def load_spm_config(
 ) -> SPMConfig:
     """Preset (``spm-sd15`` / ``spm-sdxl`` / ``spm-tiny`` or a YAML path), then a YAML file, then dotted
     overrides; unknown keys and impossible values raise :class:`ConfigError` (all values at once)."""
-    cfg = SPMConfig()
-    if preset:
-        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file() or (path.parent == PRESET_DIR and not path.stem.startswith("spm-")):
-            raise ConfigError(f"unknown SPM preset '{preset}' (available: {', '.join(spm_presets())})")
-        _merge(cfg, _read_yaml(path), "")
-        cfg.preset = path.stem
-    if config_file:
-        _merge(cfg, _read_yaml(Path(config_file)), "")
-    for override in overrides or []:
-        _merge(cfg, _override_to_dict(override), "")
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    cfg = layer_config(SPMConfig(), "spm", preset, config_file, overrides)
     d = cfg.data
     d.train, d.eval, d.image_root = _absolute(d.train) or "", _absolute(d.eval), _absolute(d.image_root)
     n, rl = cfg.spm, d.relabel
