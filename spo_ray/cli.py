@@ -19,9 +19,10 @@ import sys
 from spo_ray.config import ConfigError, available_presets, load_config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
-    """--preset, --config and dotted overrides: shared by the CLI and the jobs/ entry points."""
-    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(available_presets())}")
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None, kind: str = "spo") -> None:
+    """--preset, --config and dotted overrides (``kind``: spo / eval / spm presets): shared by the
+    CLI and the jobs/ entry points."""
+    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(available_presets(kind))}, or a YAML path")
     parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-5")
 
@@ -40,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=None, metavar="DIR", help="where the table and PNGs go (default ./compare-<time>)")
     compare.add_argument("--metrics", nargs="+", default=None, help="default: loss mean_score (eval/* always added)")
     evaluate = sub.add_parser("evaluate", help="evaluate base vs tuned models in the paper's format (on Ray)")
-    add_config_arguments(evaluate, default_preset="eval-tiny")  # eval-* presets; tuned.NAME=RUN/final adds a model
+    add_config_arguments(evaluate, default_preset="eval-tiny", kind="eval")  # eval-* presets; tuned.NAME=RUN/final adds a model
     train_spm = sub.add_parser("train-spm", help="train a step-aware preference model (on Ray)")
-    add_config_arguments(train_spm, default_preset="spm-tiny")  # spm-* presets
+    add_config_arguments(train_spm, default_preset="spm-tiny", kind="spm")  # spm-* presets
     bench = sub.add_parser("bench", help="benchmark both engines on identical work (starts a local Ray cluster)")
     bench.add_argument("--size", choices=["tiny", "bench", "sd15", "sdxl"], default="bench")
     bench.add_argument("--samplers", nargs="+", type=int, default=[1, 2, 4], help="Ray sampler actors per run")

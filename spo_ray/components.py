@@ -7,7 +7,9 @@ process and shares the UNet between sampling and training.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +20,8 @@ from spo_ray.scorers import build_scorer
 from spo_ray.scoring import PoolScorer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger("spo_ray")
 
 
 def resolve_device(cfg: SPOConfig) -> torch.device:
@@ -110,14 +114,16 @@ def load_prompt_set(cfg: SPOConfig) -> PromptSet:
     return load_prompts(prompt_file_path(cfg), max_prompts=cfg.data.max_prompts)
 
 
-def fit_prompts_to_tokenizer(prompt_set: PromptSet, model: DiffusionModel) -> PromptSet:
-    """Cut prompts longer than the text encoder's context (counted, so the log can say how many)."""
-    if not model.tokenizers:
-        return prompt_set
-    tokenizer = model.tokenizers[0]
+def fit_prompts_to_tokenizer(prompt_set: PromptSet, tokenizer: Any) -> PromptSet:
+    """Cut prompts longer than the text encoder's context; counted, and the count logged."""
     prompts, truncated = truncate_prompts(prompt_set.prompts, tokenizer, max_length=tokenizer.model_max_length)
     prompt_set.prompts = prompts
     prompt_set.truncated += truncated
+    if prompt_set.truncated:
+        log.warning(
+            "%d prompt(s) were longer than the text encoder's %d tokens and were truncated",
+            prompt_set.truncated, tokenizer.model_max_length,
+        )
     return prompt_set
 
 

@@ -44,7 +44,6 @@ from spo_ray.config import (
     SamplingConfig,
     TrackingConfig,
     _merge,
-    available_presets,
     layer_config,
 )
 from spo_ray.export import LORA_WEIGHT_NAME
@@ -148,10 +147,6 @@ class EvalConfig(ConfigRoot):
         """What generate_latents reads (guidance, eta) as the shared SamplingConfig."""
         s = self.sampling
         return SamplingConfig(num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale)
-
-
-def eval_presets() -> list[str]:
-    return available_presets("eval")
 
 
 def load_eval_config(
@@ -769,12 +764,6 @@ def _track(cfg: EvalConfig, stats: dict[str, dict[str, Any]], run_dir: Path, mod
 # ----------------------------------------------------------------------------- entry points
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
-    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(eval_presets())}, or a YAML path")
-    parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tuned.spo=/runs/sd15/final sampling.seeds=[0,1]")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     """Load, check and run; bad input is one clear message and exit status 2."""
     from spo_ray.tracking import TrackingError
@@ -794,7 +783,9 @@ def job_main(default_preset: str = "eval-paper", argv: list[str] | None = None) 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description="Evaluate a base model and tuned LoRAs in the paper's format, on Ray")
-    add_arguments(parser, default_preset)
+    from spo_ray.cli import add_config_arguments
+
+    add_config_arguments(parser, default_preset, kind="eval")
     return run_cli(parser.parse_args(argv))
 
 

@@ -117,9 +117,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
 
     model = load_model(cfg, device)
     apply_fast_path(model, cfg, device, inference_only=False)  # one UNet samples and trains: no compile
-    prompt_set = fit_prompts_to_tokenizer(prompt_set, model)
-    if prompt_set.truncated:
-        log.warning("%d prompts were longer than the text encoder's context and were truncated", prompt_set.truncated)
+    prompt_set = fit_prompts_to_tokenizer(prompt_set, model.tokenizers[0])
     prompts = prompt_set.prompts
     plan = prompt_plan(cfg, len(prompts))
     trainer = LocalTrainer(model, cfg.train, cfg.sampling, device=device)

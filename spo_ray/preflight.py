@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from spo_ray.checkpointing import latest_checkpoint, trainable_mismatch
-from spo_ray.components import load_prompt_set
+from spo_ray.components import fit_prompts_to_tokenizer, load_prompt_set
 from spo_ray.config import SPOConfig
-from spo_ray.prompts import PromptSet, truncate_prompts
+from spo_ray.prompts import PromptSet
 
 log = logging.getLogger("spo_ray")
 
@@ -40,7 +41,7 @@ def preflight(cfg: SPOConfig) -> PromptSet:
         if prompt_set.blank_lines_skipped:
             log.warning("%d blank line(s) in %s skipped", prompt_set.blank_lines_skipped, prompt_set.source)
         source = check_model_files(cfg)
-        prompt_set = truncate_to_context(prompt_set, source)
+        prompt_set = fit_prompts_to_tokenizer(prompt_set, load_tokenizer(source))
         check_scorer_checkpoint(cfg)
         check_resume_checkpoint(cfg, source)
         if cfg.tracking.enabled:
@@ -67,21 +68,11 @@ def check_model_files(cfg: SPOConfig) -> str:
     return source
 
 
-def truncate_to_context(prompt_set: PromptSet, source: str) -> PromptSet:
-    """Cut prompts longer than the first text encoder's context (loads the tokenizer only)."""
+def load_tokenizer(source: str) -> Any:
+    """The first text encoder's tokenizer alone (for cutting prompts without loading any model)."""
     from transformers import CLIPTokenizer
 
-    is_local = Path(source).is_dir()
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
-    prompts, truncated = truncate_prompts(prompt_set.prompts, tokenizer, max_length=tokenizer.model_max_length)
-    prompt_set.prompts = prompts
-    prompt_set.truncated += truncated
-    if prompt_set.truncated:
-        log.warning(
-            "%d prompt(s) were longer than the text encoder's %d tokens and were truncated",
-            prompt_set.truncated, tokenizer.model_max_length,
-        )
-    return prompt_set
+    return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=Path(source).is_dir())
 
 
 def _meta_spm(clip_dir: str) -> torch.nn.Module:

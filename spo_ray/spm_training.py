@@ -36,7 +36,6 @@ from spo_ray.config import (
     ConfigRoot,
     RoleResources,
     _merge,
-    available_presets,
     layer_config,
 )
 
@@ -151,10 +150,6 @@ class SPMConfig(ConfigRoot):
     eval: SPMEvalConfig = field(default_factory=SPMEvalConfig)
     ray: SPMRayConfig = field(default_factory=SPMRayConfig)
     run: SPMRunConfig = field(default_factory=SPMRunConfig)
-
-
-def spm_presets() -> list[str]:
-    return available_presets("spm")
 
 
 def _absolute(path: str | None) -> str | None:
@@ -914,12 +909,6 @@ def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
     return summary
 
 
-def add_spm_arguments(parser: argparse.ArgumentParser, default_preset: str | None) -> None:
-    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(spm_presets())}")
-    parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=/data/pickapic")
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Shared by ``spo-ray train-spm`` and ``jobs/train_spm.py``: config and data errors exit 2, before Ray."""
     try:
@@ -936,5 +925,7 @@ def job_main(argv: list[str] | None = None, default_preset: str = "spm-sd15") ->
     """Entry point of ``jobs/train_spm.py`` (``ray job submit -- python jobs/train_spm.py --preset ...``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description="train a step-aware preference model on a Ray cluster")
-    add_spm_arguments(parser, default_preset)
+    from spo_ray.cli import add_config_arguments
+
+    add_config_arguments(parser, default_preset, kind="spm")
     return run_from_args(parser.parse_args(argv))
