@@ -410,6 +410,20 @@ def _resolve_source(name: str, what: str) -> tuple[str, bool]:
     raise FileNotFoundError(f"{what} directory not found: {name!r}")
 
 
+def resolve_pretrained(pretrained: str | os.PathLike[str], kind: str) -> tuple[str, bool]:
+    """(source, is_local) of a base model: a local directory, a hub id, or ``tiny:<kind>`` (built
+    and cached on first use)."""
+    name = os.fspath(pretrained)
+    if name.startswith(TINY_PREFIX):
+        from spo_ray.tiny import ensure_tiny_pipeline
+
+        tiny_kind = name[len(TINY_PREFIX) :]
+        if tiny_kind != kind:
+            raise ValueError(f"{name!r} is a {tiny_kind!r} pipeline but kind={kind!r} was asked for")
+        name = str(ensure_tiny_pipeline(tiny_kind))
+    return _resolve_source(name, "pretrained model")
+
+
 def _expected_subfolders(
     kind: str, components: Sequence[str], separate_vae: bool, need_unet_config: bool
 ) -> list[str]:
@@ -425,7 +439,7 @@ def _expected_subfolders(
     return subs
 
 
-def _check_local_layout(
+def check_local_layout(
     root: Path, kind: str, components: Sequence[str], separate_vae: bool, need_unet_config: bool
 ) -> None:
     """Clear errors for a wrong kind or missing component subfolders, before any from_pretrained."""
@@ -512,21 +526,16 @@ def load_diffusion_model(
         raise ValueError(f"unknown component(s) {sorted(unknown)}; expected a subset of {COMPONENTS}")
 
     name = os.fspath(pretrained)
+    source, is_local = resolve_pretrained(name, kind)
     if name.startswith(TINY_PREFIX):
-        from spo_ray.tiny import ensure_tiny_pipeline
-
-        tiny_kind = name[len(TINY_PREFIX) :]
-        if tiny_kind != kind:
-            raise ValueError(f"{name!r} is a {tiny_kind!r} pipeline but kind={kind!r} was asked for")
-        name = str(ensure_tiny_pipeline(tiny_kind))
-    source, is_local = _resolve_source(name, "pretrained model")
+        name = source  # the cached pipeline's directory names the model from here on
     vae_source = None
     if vae is not None:
         vae_source, vae_local = _resolve_source(os.fspath(vae), "VAE")
         if vae_local and not (Path(vae_source) / "config.json").is_file():
             raise FileNotFoundError(f"VAE directory {vae_source} has no config.json (expected an AutoencoderKL)")
     if is_local:
-        _check_local_layout(Path(source), kind, components, vae_source is not None, resolution is None)
+        check_local_layout(Path(source), kind, components, vae_source is not None, resolution is None)
 
     common: dict[str, Any] = {"local_files_only": is_local}
     device = torch.device(device)

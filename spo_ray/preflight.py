@@ -53,18 +53,13 @@ def preflight(cfg: SPOConfig) -> PromptSet:
 
 def check_model_files(cfg: SPOConfig) -> str:
     """The base model's directory holds every component the roles load (config and weights)."""
-    from spo_ray.models import COMPONENTS, TINY_PREFIX, _check_local_layout, _resolve_source
+    from spo_ray.models import COMPONENTS, _resolve_source, check_local_layout, resolve_pretrained
 
-    name = str(cfg.model.pretrained)
-    if name.startswith(TINY_PREFIX):
-        from spo_ray.tiny import ensure_tiny_pipeline
-
-        name = str(ensure_tiny_pipeline(name[len(TINY_PREFIX) :]))
-    source, is_local = _resolve_source(name, "pretrained model")
+    source, is_local = resolve_pretrained(cfg.model.pretrained, cfg.model.kind)
     if cfg.model.vae is not None:
         _resolve_source(str(cfg.model.vae), "VAE")
     if is_local:
-        _check_local_layout(Path(source), cfg.model.kind, COMPONENTS, cfg.model.vae is not None, True)
+        check_local_layout(Path(source), cfg.model.kind, COMPONENTS, cfg.model.vae is not None, True)
     return source
 
 

@@ -77,4 +77,5 @@ def test_bench_smoke_tiny(tmp_path, local_ray):
     assert flops["after"]["per_kept_pair"]["trainer"] < flops["before"]["per_kept_pair"]["trainer"]
     measured = flops["measured_training"]  # the project's microbatch_loss: one forward per distinct x_t
     assert 0 < measured["after"] < measured["before"]
+    assert measured["before"] == pytest.approx(2 * measured["after"], rel=0.05)  # SD1.5: every pair shares x_t
     assert {t["target"].split(" ")[0] for t in saved["targets"]} >= {"ray", "sampler_to_scorer", "scorer_to_trainer"}
