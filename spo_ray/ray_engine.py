@@ -256,7 +256,6 @@ class SamplerWorker:
         self.sampler = CandidatePoolSampler(self.model, self.cfg.sampling, self.cfg.train.seed)
         self.store = ray.get_actor(actor_names(self.cfg)["store"])
         self.version = -1
-        self.busy_seconds = 0.0
         self.meter, self.telemetry = telemetry.RoleMeter("sampler"), telemetry.connect(self.cfg.run.name)
 
     def _sync_policy(self, round_index: int) -> None:
@@ -274,14 +273,13 @@ class SamplerWorker:
         for i in range(len(batch["round"])):
             round_index = int(batch["round"][i])
             self._sync_policy(round_index)
-            started, wall_started, forwards = time.perf_counter(), time.time(), self.sampler.unet_forwards
+            wall_started, forwards = time.time(), self.sampler.unet_forwards
             prompt_ids = [int(p) for p in batch["prompt_ids"][i]]
             prompts = [str(p) for p in batch["prompts"][i]]
             rec = self.sampler.sample(
                 prompts, prompt_ids, epoch=int(batch["epoch"][i]), round_index=round_index, policy_version=self.version
             )
             out = records.to_numpy(rec)
-            out["sampler_seconds"] = np.full(len(prompts), (time.perf_counter() - started) / len(prompts))
             self.meter.record(  # sampler -> scorer hop: the yielded block against its tensor minimum
                 wall_started, time.time(), unet_forwards=self.sampler.unet_forwards - forwards, prompts=len(prompts),
                 bytes_out=telemetry.payload_bytes(out),
@@ -306,8 +304,7 @@ class ScorerWorker:
         self.meter, self.telemetry = telemetry.RoleMeter("scorer"), telemetry.connect(self.cfg.run.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started, wall_started = time.perf_counter(), time.time()
-        sampler_seconds = batch.pop("sampler_seconds", None)
+        wall_started = time.time()
         rec = records.to_torch(batch)
         pairs, stats = self.pool_scorer(rec)
         if hasattr(self.pool_scorer.scorer, "reset_text_cache"):
@@ -324,12 +321,7 @@ class ScorerWorker:
                 stats.score_sum_per_row[b], images_per_row,
             ))
         ray.get([self.ledger.report.remote(r, rows, self.generation) for r, rows in by_round.items()])
-        out = records.to_numpy(pairs)
-        n = records.num_rows(pairs)
-        out["score_mean"] = np.full(n, stats.mean_score, dtype=np.float32)
-        out["scorer_seconds"] = np.full(n, time.perf_counter() - started, dtype=np.float64)
-        if sampler_seconds is not None:
-            out["sampler_seconds"] = np.full(n, float(np.sum(sampler_seconds)), dtype=np.float64)
+        out = records.to_numpy(pairs)  # timings and scores go to the telemetry sink and the ledger
         self.meter.record(  # scorer -> trainer hop: the returned block against its tensor minimum
             wall_started, time.time(), images_scored=stats.images, scoring_events=stats.events, kept=stats.kept,
             bytes_out=telemetry.payload_bytes(out), min_bytes_out=telemetry.pair_min_bytes(out, self.model.dtype.itemsize),
