@@ -18,13 +18,16 @@ import sys
 
 from spo_ray.config import ConfigError, available_presets, load_config
 
+# One real field per config kind, so each command's help shows an override it accepts.
+OVERRIDE_EXAMPLES = {"spo": "train.learning_rate=1e-5", "eval": "sampling.num_steps=20", "spm": "train.epochs=2"}
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None, kind: str = "spo") -> None:
     """--preset, --config and dotted overrides (``kind``: spo / eval / spm presets): shared by the
     CLI and the jobs/ entry points."""
     parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(available_presets(kind))}, or a YAML path")
     parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-5")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {OVERRIDE_EXAMPLES[kind]}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,3 +143,13 @@ def build_pool_scorer(cfg: SPOConfig, model: DiffusionModel, device: torch.devic
         **cfg.scorer.kwargs,
     )
     return PoolScorer(model.decode, scorer, threshold=cfg.scorer.threshold, max_batch=cfg.scorer.max_batch)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over the trainer workers (the values themselves on one worker)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()

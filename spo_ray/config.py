@@ -99,6 +99,9 @@ class RoleResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom resources (KubeRay groups)
+    # torch intra-op threads in each of the role's processes; None = ray.torch_threads_per_actor.
+    # On a shared CPU node give each role threads in proportion to its share of the work.
+    torch_threads: int | None = None
 
     def ray_options(self) -> dict[str, Any]:
         """The role's request as Ray ``.options()`` / ``map_batches`` keyword arguments."""
@@ -399,6 +402,8 @@ def validate_config(cfg: SPOConfig) -> None:
     for role in ("sampler", "scorer", "trainer", "renderer"):
         res: RoleResources = getattr(r, role)
         checks.append((res.num_cpus >= 0 and res.num_gpus >= 0, f"ray.{role} resources must be >= 0"))
+        checks.append((res.torch_threads is None or res.torch_threads >= 1,
+                       f"ray.{role}.torch_threads must be >= 1 or null, got {res.torch_threads}"))
         checks.append((res.num_gpus <= 1 or float(res.num_gpus).is_integer(),
                        f"ray.{role}.num_gpus above 1 must be a whole number, got {res.num_gpus}"))
     problems = [message for ok, message in checks if not ok]

@@ -39,6 +39,7 @@ from spo_ray import records, telemetry
 from spo_ray.accounting import Accounting
 from spo_ray.checkpointing import latest_checkpoint, load_trainable_weights, trainable_state
 from spo_ray.components import (
+    all_reduce_sum,
     apply_fast_path,
     build_pool_scorer,
     connect_ray,
@@ -233,9 +234,10 @@ def actor_names(cfg: SPOConfig) -> dict[str, str]:
     }
 
 
-def _set_threads(cfg: SPOConfig) -> None:
-    if cfg.ray.torch_threads_per_actor:
-        torch.set_num_threads(cfg.ray.torch_threads_per_actor)
+def _set_threads(cfg: SPOConfig, role: str) -> None:
+    threads = getattr(cfg.ray, role).torch_threads or cfg.ray.torch_threads_per_actor
+    if threads:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- roles
@@ -246,7 +248,7 @@ class SamplerWorker:
 
     def __init__(self, cfg_dict: dict[str, Any]):
         self.cfg = config_from_dict(cfg_dict)
-        _set_threads(self.cfg)
+        _set_threads(self.cfg, "sampler")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("unet", "text"))
         if self.cfg.train.lora:
@@ -295,7 +297,7 @@ class ScorerWorker:
     def __init__(self, cfg_dict: dict[str, Any], generation: int = 0):
         self.cfg = config_from_dict(cfg_dict)
         self.generation = generation
-        _set_threads(self.cfg)
+        _set_threads(self.cfg, "scorer")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("vae",))
         apply_fast_path(self.model, self.cfg, device, inference_only=True)
@@ -350,7 +352,7 @@ class ValidationRenderer:
 
     def __init__(self, cfg_dict: dict[str, Any], prompts: list[str], seeds: list[int]):
         self.cfg = config_from_dict(cfg_dict)
-        _set_threads(self.cfg)
+        _set_threads(self.cfg, "renderer")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("unet", "vae", "text"))
         from spo_ray.training import setup_policy
@@ -499,15 +501,6 @@ class _ShardPump:
         return self.by_round.pop(round_index, [])
 
 
-def _dist_sum(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_s: float = 0.05) -> tuple[int, int, int]:
     """Block until every prompt of the round is scored and all its kept pairs reached the ranks."""
     import torch.distributed as dist
@@ -521,7 +514,7 @@ def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_
             status = torch.tensor([float(complete), events, kept, rejected], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(status, src=0)
-        arrived = _dist_sum([pump.count(round_index)])[0]
+        arrived = all_reduce_sum([pump.count(round_index)])[0]
         complete, events, kept, rejected = (int(v) for v in status.tolist())
         if complete and arrived == kept:
             return events, kept, rejected
@@ -578,7 +571,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _set_threads(cfg)
+    _set_threads(cfg, "trainer")
     device = ray.train.torch.get_device() if cfg.ray.trainer.num_gpus else torch.device("cpu")
     names = actor_names(cfg)
     store, ledger = ray.get_actor(names["store"]), ray.get_actor(names["ledger"])
@@ -695,7 +688,7 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
                 loss, stats = microbatch_loss(
                     model, engine, frozen_copy, batch, cfg.train, cfg.sampling, autocast_dtype=autocast
                 )
-                nonfinite = _dist_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0
+                nonfinite = all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0
                 if nonfinite:
                     # Skipped by all ranks together: a zero loss keeps the hooks and counters aligned.
                     loss = sum((p * 0.0).sum() for p in params)
@@ -718,7 +711,7 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
                     keys = ("loss", "ratio_win", "ratio_lose", "clip_frac", "accuracy", "score_win", "score_lose")
                     w = sum(s["weight"] for s in partial)
                     local = [sum(s[k] * s["weight"] for s in partial) for k in keys] + [w]
-                    total = _dist_sum(local)
+                    total = all_reduce_sum(local)
                     step_log = {k: total[j] / max(total[-1], 1e-12) for j, k in enumerate(keys)}
                     grad_norm = engine.get_global_grad_norm()
                     step_log.update(

@@ -658,7 +658,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from spo_ray.ray_engine import _dist_sum
+    from spo_ray.components import all_reduce_sum
     from spo_ray.spm import StepAwarePreferenceModel, load_clip_processor
     from spo_ray.training import warmup_lambda
 
@@ -712,7 +712,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
             continue
         step += 1
         if step % cfg.run.log_every == 0:
-            total = _dist_sum([sum(w[0] for w in window), len(window), sum(w[1] for w in window), sum(w[2] for w in window)])
+            total = all_reduce_sum([sum(w[0] for w in window), len(window), sum(w[1] for w in window), sum(w[2] for w in window)])
             record = {
                 "kind": "step", "step": step, "loss": total[0] / max(total[1], 1),
                 "train_accuracy": total[2] / max(total[3], 1), "lr": schedule.get_last_lr()[0],
@@ -748,9 +748,9 @@ def spm_train_loop(config: dict[str, Any]) -> None:
                 per_row = (correct, counted, pair_cross_entropy(logits, label_0), torch.ones_like(label_0), before)
                 for col, values in enumerate(per_row):
                     np.add.at(sums[col], b, values.float().cpu().numpy())
-    sums = np.array(_dist_sum(sums.reshape(-1).tolist())).reshape(5, n_buckets)
+    sums = np.array(all_reduce_sum(sums.reshape(-1).tolist())).reshape(5, n_buckets)
     state = _final_state(engine, ds_config["bf16"]["enabled"])
-    total_rows = _dist_sum([rows])[0]
+    total_rows = all_reduce_sum([rows])[0]
     if rank == 0:
         buckets = [
             {"bucket": name, "t_min": lo, "t_max": hi - 1, "rows": int(sums[3, i]), "pairs_counted": int(sums[1, i]),

@@ -57,6 +57,7 @@ def test_yaml_then_overrides(tmp_path):
         ("model.kind=sd3", "model.kind must be"),
         ("train.max_grad_norm=0", "max_grad_norm must be > 0 or null"),
         ("scorer.type=spm", "scorer.clip_dir is required"),
+        ("ray.sampler.torch_threads=0", "ray.sampler.torch_threads must be >= 1 or null, got 0"),
     ],
 )
 def test_bad_values_are_clear_errors(override, message):
