@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", choices=["tiny", "bench", "sd15", "sdxl"], default="bench")
     bench.add_argument("--samplers", nargs="+", type=int, default=[1, 2, 4], help="Ray sampler actors per run")
     bench.add_argument("--engines", nargs="+", choices=["in-process", "ray"], default=["in-process", "ray"])
-    bench.add_argument("--rounds", type=int, default=4)
+    bench.add_argument("--rounds", type=int, default=3, help="round 1 is start-up; rounds 2..N are measured")
     bench.add_argument("--prompts-per-round", type=int, default=4)
     bench.add_argument("--steps", type=int, default=10, help="DDIM steps")
     bench.add_argument("--out", default="bench-out", metavar="DIR", help="bench.json and bench.md go here")

@@ -576,6 +576,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = actor_names(cfg)
     store, ledger = ray.get_actor(names["store"]), ray.get_actor(names["ledger"])
     run_dir = cfg.run_dir
+    # Start the stream first: the sampler and scorer actors start and load their models while this
+    # worker loads its own and initializes DeepSpeed (samplers then wait at the store for the
+    # version rank 0 publishes), instead of after it.
+    pump = _ShardPump(ray.train.get_dataset_shard("pairs"))
 
     model = load_model(cfg, device, ("unet", "text"))
     apply_fast_path(model, cfg, device, inference_only=False)
@@ -619,7 +623,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.start(resume_run_id=state.get("mlflow_run_id"))
     try:
-        _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, store, ledger, tracker,
+        _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, store, ledger, tracker, pump,
                position=position, version=version, accounting=accounting, global_step=global_step, autocast=autocast)
     except BaseException:
         if tracker is not None:
@@ -629,7 +633,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.end("FINISHED")
 
 
-def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, store, ledger, tracker, *,
+def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, store, ledger, tracker, pump, *,
            position: int, version: int, accounting: Accounting, global_step: int, autocast) -> None:
     """The round loop of one trainer worker (split out so rank 0 can close its MLflow run)."""
     prompts: list[str] = config["prompts"]
@@ -640,7 +644,6 @@ def _train(cfg, config, rank, world, model, engine, frozen_copy, lr_schedule, st
     if rank == 0:
         ray.get(store.rollback.remote(version, weights))
 
-    pump = _ShardPump(ray.train.get_dataset_shard("pairs"))
     plan = prompt_plan(cfg, len(prompts))
     last = plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
     metrics_path = run_dir / "metrics.jsonl"

@@ -58,17 +58,22 @@ def test_bench_smoke_tiny(tmp_path, local_ray):
     assert saved["runs"] and table == result["markdown"]
     for phrase in ("kept pairs/s", "UNet forwards/s per sampler", "images scored/s per scorer", "optimizer steps/s",
                    "busy fraction", "wall split", "bytes per scoring event", "bytes per kept pair", "peak RSS",
-                   "policy lag", "ratio distributed / in-process", "bottleneck", "training share", "Machine:"):
+                   "policy lag", "ratio distributed / in-process (kept pairs/s)", "prompts/s", "bottleneck", "training share", "Machine:"):
         assert phrase in table, phrase
     local, ray_run = saved["runs"]
     assert local["engine"] == "in-process" and ray_run["engine"] == "ray"
     for row in (local, ray_run):
         assert row["kept"] > 0 and row["kept_pairs_per_s"] > 0 and row["optimizer_steps_per_s"] > 0
+        # one steady round (round 2 of 2) of 2 prompts over the steady window
+        assert row["prompts_per_s"] == pytest.approx(2 / row["steady_window_s"])
         assert row["unet_forwards"] == row["prompts"] * bench.guided_forwards_per_prompt(8, 4, 4, 0)
         for fraction in (*row["busy_fraction"].values(), *row["wall_split"].values()):
             assert 0.0 <= fraction <= 1.0
         assert all(mib > 0 for mib in row["peak_rss_mib"].values())
     assert set(ray_run["policy_lag"]) <= {"0", "1"}
+    assert ray_run["torch_threads"] == {"sampler": 1, "scorer": 1, "trainer": 1}
+    assert "sampler 1 / scorer 1 / trainer 1" in table
+    assert ray_run["prompt_ratio_vs_in_process"] == pytest.approx(ray_run["prompts_per_s"] / local["prompts_per_s"])
     assert ray_run["ratio_vs_in_process"] > 0 and ray_run["bottleneck"] in ("sampler", "scorer", "trainer")
     for hop in ray_run["hops"].values():
         assert hop["bytes"] >= hop["min_bytes"] > 0
