@@ -296,38 +296,93 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
     return 2 * n**3 * reps / (time.perf_counter() - started)
 
 
-def gpu_unet_mfu(size: str, batch: int = 8) -> dict[str, float]:
-    """On a GPU: the published UNet with random bf16 weights, guided forward and LoRA training step
-    throughput against the device's measured bf16 matmul rate. (Not run on a CPU.)"""
-    from diffusers import UNet2DConditionModel
+def _timed_rate(step, flops_per_call: float, sync, seconds: float) -> float:
+    """FLOP/s of ``step()`` repeated for ``seconds`` after one warm-up call."""
+    step()
+    sync()
+    started, reps = time.perf_counter(), 0
+    while reps == 0 or time.perf_counter() - started < seconds:
+        step()
+        reps += 1
+    sync()
+    return flops_per_call * reps / (time.perf_counter() - started)
+
+
+def role_throughput(size: str, device: torch.device, dtype: torch.dtype, batch: int = 4,
+                    seconds: float = 3.0, flops: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each role's compute at the size's shapes with random weights, timed on ``device``: the
+    sampler's guided UNet forward (CFG as one batch), the scorer's VAE decode + preference-model
+    vision tower, the trainer's LoRA policy forward + backward and frozen reference forward (CFG).
+    MFU is against the device's measured dense matmul rate in ``dtype``; with ``flops`` (a
+    ``flops_report``) also the compute time per kept pair (each role on one device, one after the
+    other) against the bound total FLOPs / peak. On a GPU at ``sd15`` this is issue 9's figure."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from spo_ray.config import TrainConfig
     from spo_ray.training import add_lora
 
     shapes = shapes_for(size)
-    dev = torch.device("cuda")
-    unet = UNet2DConditionModel(**shapes.unet).to(dev, torch.bfloat16).eval()
-    add_lora(unet, TrainConfig(lora_rank=shapes.lora_rank))
-    flops = unet_flops(shapes)
-    peak = measured_peak_flops(dev, torch.bfloat16, n=8192)
-    result = {"peak_bf16_flops": peak}
-    for name, grad in (("forward", False), ("policy_fwd_bwd", True)):
-        def step(grad=grad) -> None:
-            with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = _unet_call(unet, shapes, batch)
-                if grad:
-                    out.float().sum().backward()
+    counted = unet_flops(shapes)
+    decode_flops, spm = vae_decode_flops(shapes), spm_flops(shapes)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    peak = measured_peak_flops(device, dtype, n=8192 if device.type == "cuda" else 1024)
 
-        step()
-        torch.cuda.synchronize()
-        started, reps = time.perf_counter(), 0
-        while time.perf_counter() - started < 3.0:
-            step()
-            reps += 1
-        torch.cuda.synchronize()
-        rate = flops[name] * batch * reps / (time.perf_counter() - started)
-        result[f"{name}_flops_per_s"] = rate
-        result[f"{name}_mfu"] = rate / peak
+    def placed(module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(device) if dtype == torch.float32 else module.to(device, dtype)
+
+    frozen = placed(UNet2DConditionModel(**shapes.unet)).eval()
+    policy = placed(UNet2DConditionModel(**shapes.unet))
+    policy.requires_grad_(False)
+    add_lora(policy, TrainConfig(lora_rank=shapes.lora_rank))
+    for p in policy.parameters():  # fp32 trainables, as the trainer keeps them
+        if p.requires_grad:
+            p.data = p.data.float()
+    vae = placed(AutoencoderKL(**shapes.vae)).eval()
+    z = torch.randn(batch, 4, shapes.latent, shapes.latent, device=device, dtype=dtype)
+    cfg_batch = 2 * batch  # CFG: conditional and unconditional latents in one call
+
+    def sampler_step() -> None:
+        with torch.no_grad(), autocast:
+            _unet_call(frozen, shapes, cfg_batch)
+
+    def trainer_step() -> None:
+        with autocast:
+            with torch.no_grad():
+                _unet_call(frozen, shapes, cfg_batch)
+            _unet_call(policy, shapes, cfg_batch).float().sum().backward()
+
+    spm_model = None
+    if shapes.clip is not None:
+        from transformers import CLIPConfig, CLIPModel
+
+        from spo_ray.spm import StepAwarePreferenceModel
+
+        spm_model = placed(StepAwarePreferenceModel.from_clip(CLIPModel(CLIPConfig(**shapes.clip)))).eval()
+        side = shapes.clip["vision_config"]["image_size"]
+        pixels = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
+        steps = torch.full((batch,), 500, device=device)
+
+    def scorer_step() -> None:
+        with torch.no_grad(), autocast:
+            vae.decode(z)
+            if spm_model is not None:
+                spm_model.image_embeds(pixels, steps)
+
+    per_call = {
+        "sampler": cfg_batch * counted["forward"],
+        "scorer": batch * (decode_flops + spm["vision_per_image"]),
+        "trainer": cfg_batch * (counted["policy_fwd_bwd"] + counted["reference_fwd"]),
+    }
+    result: dict[str, Any] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+                              "peak_flops_per_s": peak, "roles": {}}
+    for role, step in (("sampler", sampler_step), ("scorer", scorer_step), ("trainer", trainer_step)):
+        rate = _timed_rate(step, per_call[role], sync, seconds)
+        result["roles"][role] = {"flops_per_s": rate, "mfu": rate / peak}
+    if flops is not None:
+        per_pair = flops["after"]["per_kept_pair"]
+        result["seconds_per_kept_pair"] = sum(per_pair[r] / result["roles"][r]["flops_per_s"] for r in per_pair)
+        result["bound_seconds_per_kept_pair"] = flops["after"]["total_per_kept_pair"] / peak
     return result
 
 
@@ -597,6 +652,20 @@ def render_markdown(result: dict[str, Any]) -> str:
             a = f["achieved"]
             lines.append(f"Achieved {a['flops_per_s'] / 1e9:.1f} GFLOP/s (in-process, steady) = {a['mfu']:.1%} of this "
                          f"machine's measured fp32 matmul rate ({a['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).")
+    if result.get("flops", {}).get("roles_measured"):
+        m = result["flops"]["roles_measured"]
+        lines += ["", f"Per-role compute, measured on {m['device']} in {m['dtype']} (random weights at these shapes, "
+                  f"batch {m['batch']}, CFG as one batch); MFU against the measured dense matmul rate "
+                  f"({_tflop(m['peak_flops_per_s'])}FLOP/s):", "",
+                  "| role | work timed | FLOP/s | MFU |", "|---|---|---|---|"]
+        work = {"sampler": "guided UNet forward", "scorer": "VAE decode + SPM vision tower",
+                "trainer": "LoRA policy fwd + bwd, reference fwd"}
+        for role, r in m["roles"].items():
+            lines.append(f"| {role} | {work[role]} | {_tflop(r['flops_per_s'])}FLOP/s | {r['mfu']:.1%} |")
+        if "seconds_per_kept_pair" in m:
+            lines += ["", f"Compute time per kept pair at these rates (roles one after the other on one device): "
+                      f"{m['seconds_per_kept_pair'] * 1e3:.0f} ms, against the bound (FLOPs per kept pair / peak) "
+                      f"{m['bound_seconds_per_kept_pair'] * 1e3:.0f} ms."]
     if result.get("targets"):
         lines += ["", "| target | value | met |", "|---|---|---|"]
         for t in result["targets"]:
@@ -637,8 +706,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 peak = measured_peak_flops(torch.device("cpu"), torch.float32, n=1024)
                 rate = flops["after"]["total_per_kept_pair"] * base["kept_pairs_per_s"]
                 flops["achieved"] = {"flops_per_s": rate, "peak_flops_per_s": peak, "mfu": rate / peak}
-        elif torch.cuda.is_available():
-            flops["gpu"] = gpu_unet_mfu(opts.size)
+        if torch.cuda.is_available():
+            flops["roles_measured"] = role_throughput(opts.size, torch.device("cuda"), torch.bfloat16, flops=flops)
+        elif opts.size in RUNNABLE:  # the published sizes are too slow for a CPU
+            flops["roles_measured"] = role_throughput(opts.size, torch.device("cpu"), torch.float32, batch=2,
+                                                      seconds=2.0, flops=flops)
         result["flops"] = flops
     result["seconds"] = time.time() - started
     result["markdown"] = render_markdown(result)

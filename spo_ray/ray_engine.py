@@ -294,9 +294,10 @@ class SamplerWorker:
 class ScorerWorker:
     """Ray Data actor: VAE decoder + preference model; trajectory records -> kept pairs."""
 
-    def __init__(self, cfg_dict: dict[str, Any], generation: int = 0):
+    def __init__(self, cfg_dict: dict[str, Any], generation: int = 0, strip_prompt_ids: dict[int, int] | None = None):
         self.cfg = config_from_dict(cfg_dict)
         self.generation = generation
+        self.strip_prompt_ids = strip_prompt_ids or {}  # round -> the prompt whose slice renders the strip
         _set_threads(self.cfg, "scorer")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("vae",))
@@ -333,12 +334,13 @@ class ScorerWorker:
 
     def _offer_pair_strip(self, rec: dict[str, Any], pairs: dict[str, Any]) -> None:
         """Every tracking.log_pair_images_every rounds: the kept pairs' x0_hat as scored, decoded
-        here (the scorer holds the VAE and the candidates; the trainer holds neither)."""
+        here (the scorer holds the VAE and the candidates; the trainer holds neither). Only the
+        slice holding the round's smallest prompt id renders one (none if it kept no pair)."""
         every = self.cfg.tracking.log_pair_images_every
         if not (self.cfg.tracking.enabled and every > 0 and records.num_rows(pairs)):
             return
         round_index = int(rec["round"][0])
-        if (round_index + 1) % every:
+        if (round_index + 1) % every or self.strip_prompt_ids.get(round_index) not in rec["prompt_id"].tolist():
             return
         strip = render_pair_strip(self.model, rec, pairs)
         ray.get(self.ledger.offer_strip.remote(round_index, int(rec["prompt_id"].min()), png_bytes(strip)))
@@ -403,6 +405,9 @@ def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int, generat
     scorers report to the ledger under ``generation``)."""
     rows = plan_rows(cfg, len(prompts), prompts, position)
     cfg_dict = cfg.to_dict()
+    strip_prompt_ids: dict[int, int] = {}
+    for row in rows:
+        strip_prompt_ids[row["round"]] = min(strip_prompt_ids.get(row["round"], row["prompt_ids"][0]), *row["prompt_ids"])
     ds = ray.data.from_items(rows, override_num_blocks=max(len(rows), 1))
     ds = ds.map_batches(
         SamplerWorker,
@@ -414,7 +419,7 @@ def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int, generat
     )
     ds = ds.map_batches(
         ScorerWorker,
-        fn_constructor_kwargs={"cfg_dict": cfg_dict, "generation": generation},
+        fn_constructor_kwargs={"cfg_dict": cfg_dict, "generation": generation, "strip_prompt_ids": strip_prompt_ids},
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_scorers),

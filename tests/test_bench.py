@@ -83,4 +83,8 @@ def test_bench_smoke_tiny(tmp_path, local_ray):
     measured = flops["measured_training"]  # the project's microbatch_loss: one forward per distinct x_t
     assert 0 < measured["after"] < measured["before"]
     assert measured["before"] == pytest.approx(2 * measured["after"], rel=0.05)  # SD1.5: every pair shares x_t
+    roles = flops["roles_measured"]  # each role's compute timed on this CPU
+    assert set(roles["roles"]) == {"sampler", "scorer", "trainer"} and "Per-role compute" in table
+    assert all(r["flops_per_s"] > 0 and 0 < r["mfu"] < 1.5 for r in roles["roles"].values())
+    assert roles["seconds_per_kept_pair"] > roles["bound_seconds_per_kept_pair"] > 0
     assert {t["target"].split(" ")[0] for t in saved["targets"]} >= {"ray", "sampler_to_scorer", "scorer_to_trainer"}
