@@ -142,6 +142,7 @@ class RoundLedger:
         self.generation = 0
         self.redone = {"prompts": 0, "scoring_events": 0, "kept": 0, "rejected": 0}
         self.stale_reports = 0
+        self.changed = asyncio.Condition()  # notified on every report: the trainer long-polls
 
     def begin_stream(self, position: int) -> int:
         """A new stream from prompt-plan ``position`` (round index): returns its generation."""
@@ -154,7 +155,7 @@ class RoundLedger:
             self.strips.pop(round_index, None)
         return self.generation
 
-    def report(self, round_index: int, rows: list[ScoredPrompt], generation: int = 0) -> None:
+    async def report(self, round_index: int, rows: list[ScoredPrompt], generation: int = 0) -> None:
         if generation != self.generation:  # a dead stream's scorer finishing late: not counted
             self.stale_reports += len(rows)
             return
@@ -164,6 +165,16 @@ class RoundLedger:
                 self.duplicates += 1
                 continue
             seen[row.prompt_id] = row
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_status(self, round_index: int, timeout_s: float) -> tuple[bool, int, int, int]:
+        """``status`` once the round is complete or after ``timeout_s``, whichever comes first (a
+        long poll: the trainer does not call every few milliseconds while a round is sampled)."""
+        async with self.changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.status(round_index)[0]), timeout_s)
+        return self.status(round_index)
 
     def status(self, round_index: int) -> tuple[bool, int, int, int]:
         """(complete, events, kept, rejected) of a round."""
@@ -506,8 +517,11 @@ class _ShardPump:
         return self.by_round.pop(round_index, [])
 
 
-def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_s: float = 0.05) -> tuple[int, int, int]:
-    """Block until every prompt of the round is scored and all its kept pairs reached the ranks."""
+def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_s: float = 0.05,
+                    long_poll_s: float = 1.0) -> tuple[int, int, int]:
+    """Block until every prompt of the round is scored and all its kept pairs reached the ranks.
+    Rank 0 long-polls the ledger until the round is scored; then the kept pairs, sent after the
+    scorers reported, are counted locally every ``poll_s``."""
     import torch.distributed as dist
 
     last_note = time.monotonic()
@@ -515,7 +529,7 @@ def _wait_for_round(pump: _ShardPump, ledger, round_index: int, rank: int, poll_
         pump.drain()
         status = torch.zeros(4, dtype=torch.float64)
         if rank == 0:
-            complete, events, kept, rejected = ray.get(ledger.status.remote(round_index))
+            complete, events, kept, rejected = ray.get(ledger.wait_status.remote(round_index, long_poll_s))
             status = torch.tensor([float(complete), events, kept, rejected], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(status, src=0)
