@@ -77,7 +77,8 @@ def ray_cluster():
         _wait_for_dashboard(address, proc)
         yield address
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        # `ray start --block` takes longer than this to exit on SIGTERM; the group kill ends it.
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)
