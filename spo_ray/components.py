@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from spo_ray.config import SPOConfig
+from spo_ray.config import SPOConfig, role_threads
 from spo_ray.models import DiffusionModel, load_diffusion_model
 from spo_ray.prompts import PromptPlan, PromptSet, default_prompt_file, load_prompts, truncate_prompts
 from spo_ray.scorers import build_scorer
@@ -153,3 +153,10 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def set_role_threads(ray_config: Any, role: str) -> None:
+    """Apply ``config.role_threads`` in this process (a role actor or trainer worker at start)."""
+    threads = role_threads(ray_config, role)
+    if threads:
+        torch.set_num_threads(threads)

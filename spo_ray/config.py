@@ -103,6 +103,17 @@ class RoleResources:
     # On a shared CPU node give each role threads in proportion to its share of the work.
     torch_threads: int | None = None
 
+    def problems(self, name: str) -> list[str]:
+        """What is wrong with this role's request (``name``: its config path, e.g. ``ray.sampler``)."""
+        checks = [
+            (self.num_cpus >= 0 and self.num_gpus >= 0, f"{name} resources must be >= 0"),
+            (self.torch_threads is None or self.torch_threads >= 1,
+             f"{name}.torch_threads must be >= 1 or null, got {self.torch_threads}"),
+            (self.num_gpus <= 1 or float(self.num_gpus).is_integer(),
+             f"{name}.num_gpus above 1 must be a whole number, got {self.num_gpus}"),
+        ]
+        return [message for ok, message in checks if not ok]
+
     def ray_options(self) -> dict[str, Any]:
         """The role's request as Ray ``.options()`` / ``map_batches`` keyword arguments."""
         options: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -399,13 +410,14 @@ def validate_config(cfg: SPOConfig) -> None:
         (cfg.run.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {cfg.run.device!r}"),
         (bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name must be a non-empty name without '/', got {cfg.run.name!r}"),
     ]
-    for role in ("sampler", "scorer", "trainer", "renderer"):
-        res: RoleResources = getattr(r, role)
-        checks.append((res.num_cpus >= 0 and res.num_gpus >= 0, f"ray.{role} resources must be >= 0"))
-        checks.append((res.torch_threads is None or res.torch_threads >= 1,
-                       f"ray.{role}.torch_threads must be >= 1 or null, got {res.torch_threads}"))
-        checks.append((res.num_gpus <= 1 or float(res.num_gpus).is_integer(),
-                       f"ray.{role}.num_gpus above 1 must be a whole number, got {res.num_gpus}"))
     problems = [message for ok, message in checks if not ok]
+    for role in ("sampler", "scorer", "trainer", "renderer"):
+        problems += getattr(r, role).problems(f"ray.{role}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def role_threads(ray_config: Any, role: str) -> int | None:
+    """Torch intra-op threads for one role's processes: ``<ray>.<role>.torch_threads``, else the
+    section's ``torch_threads_per_actor``, else None (torch's default). For every config kind."""
+    return getattr(ray_config, role).torch_threads or ray_config.torch_threads_per_actor

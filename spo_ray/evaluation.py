@@ -201,10 +201,9 @@ def validate_eval_config(cfg: EvalConfig) -> None:
         checks.append((bool(_NAME.match(name)), f"tuned model name {name!r} must match {_NAME.pattern}"))
         checks.append((name != cfg.base_name, f"tuned model name {name!r} is the base model's name"))
         checks.append((bool(path), f"tuned.{name} needs a path (a LoRA export dir or a UNet dir)"))
-    for role in ("generator", "scorer"):
-        res: RoleResources = getattr(r, role)
-        checks.append((res.num_cpus >= 0 and res.num_gpus >= 0, f"ray.{role} resources must be >= 0"))
     problems = [message for ok, message in checks if not ok]
+    for role in ("generator", "scorer"):
+        problems += getattr(r, role).problems(f"ray.{role}")
     if problems:
         raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
 
@@ -437,20 +436,22 @@ def build_metric_scorer(metric: str, cfg: EvalConfig, device: torch.device) -> A
 # ----------------------------------------------------------------------------- Ray Data actors
 
 
-def _set_threads(cfg: EvalConfig) -> None:
-    if cfg.ray.torch_threads_per_actor:
-        torch.set_num_threads(cfg.ray.torch_threads_per_actor)
-
-
 class GenerationWorker:
     """Ray Data actor (also usable in-process): the base pipeline with every tuned model attached; rows
     (model, prompt id, prompt, seed) -> the same rows plus ``image`` (uint8 [H, W, 3])."""
 
     def __init__(self, cfg_dict: dict[str, Any], specs: list[dict[str, Any]]) -> None:
-        from spo_ray.components import apply_fast_path, load_model, resolve_device, resolve_dtype, switch_on
+        from spo_ray.components import (
+            apply_fast_path,
+            load_model,
+            resolve_device,
+            resolve_dtype,
+            set_role_threads,
+            switch_on,
+        )
 
         self.cfg = eval_config_from_dict(cfg_dict)
-        _set_threads(self.cfg)
+        set_role_threads(self.cfg.ray, "generator")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device)  # base UNet + VAE + text encoders, num_steps DDIM steps
         self.specs = {s["name"]: ModelSpec(**s) for s in specs}
@@ -511,10 +512,10 @@ class ScoringWorker:
     """Ray Data actor: every active metric's scorer; adds a ``score_<metric>`` column per metric."""
 
     def __init__(self, cfg_dict: dict[str, Any], metrics: list[str]) -> None:
-        from spo_ray.components import resolve_device
+        from spo_ray.components import resolve_device, set_role_threads
 
         self.cfg = eval_config_from_dict(cfg_dict)
-        _set_threads(self.cfg)
+        set_role_threads(self.cfg.ray, "scorer")
         device = resolve_device(self.cfg)
         self.scorers = {metric: build_metric_scorer(metric, self.cfg, device) for metric in metrics}
 

@@ -230,10 +230,9 @@ def validate_spm_config(cfg: SPMConfig) -> None:
         (cfg.run.log_every >= 1, f"run.log_every must be >= 1, got {cfg.run.log_every}"),
         (bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name must be a non-empty name without '/', got {cfg.run.name!r}"),
     ]
-    for role in ("renderer", "trainer"):
-        res: RoleResources = getattr(r, role)
-        checks.append((res.num_cpus >= 0 and res.num_gpus >= 0, f"ray.{role} resources must be >= 0"))
     problems = [message for ok, message in checks if not ok]
+    for role in ("renderer", "trainer"):
+        problems += getattr(r, role).problems(f"ray.{role}")
     if problems:
         raise ConfigError("invalid SPM config:\n  - " + "\n  - ".join(problems))
 
@@ -540,12 +539,12 @@ class X0Renderer:
     tagged rows -> (pixels_0, pixels_1, t, prompt, label_0, weight) ready for the SPM."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        from spo_ray.components import set_role_threads
         from spo_ray.models import load_diffusion_model
         from spo_ray.spm import load_image_normalization
 
         self.cfg = spm_config_from_dict(cfg_dict)
-        if self.cfg.ray.torch_threads_per_actor:
-            torch.set_num_threads(self.cfg.ray.torch_threads_per_actor)
+        set_role_threads(self.cfg.ray, "renderer")
         device = _device(self.cfg)
         m = self.cfg.model
         self.model = load_diffusion_model(
@@ -658,15 +657,14 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from spo_ray.components import all_reduce_sum
+    from spo_ray.components import all_reduce_sum, set_role_threads
     from spo_ray.spm import StepAwarePreferenceModel, load_clip_processor
     from spo_ray.training import warmup_lambda
 
     cfg = spm_config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.ray.torch_threads_per_actor:
-        torch.set_num_threads(cfg.ray.torch_threads_per_actor)
+    set_role_threads(cfg.ray, "trainer")
     device = ray.train.torch.get_device() if cfg.ray.trainer.num_gpus else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
     spm = StepAwarePreferenceModel.from_pretrained(cfg.spm.clip_dir, cfg.spm.init_checkpoint, device=device)

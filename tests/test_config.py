@@ -83,3 +83,21 @@ def test_several_problems_reported_together():
     with pytest.raises(ConfigError) as err:
         load_config("tiny-sd15", overrides=["sampling.pool_size=1", "sampling.eta=-1"])
     assert "pool_size" in str(err.value) and "eta" in str(err.value)
+
+
+def test_role_threads_and_role_checks_for_every_config_kind():
+    """One per-role thread rule and one set of role checks for the SPO, evaluation and SPM configs."""
+    from spo_ray.config import role_threads
+    from spo_ray.evaluation import load_eval_config
+    from spo_ray.spm_training import load_spm_config
+
+    spo = load_config("tiny-sd15", overrides=["ray.trainer.torch_threads=3"])
+    assert (role_threads(spo.ray, "trainer"), role_threads(spo.ray, "sampler")) == (3, 1)  # preset: 1 per actor
+    spm = load_spm_config("spm-tiny", overrides=["data.train=x.parquet", "ray.renderer.torch_threads=2"])
+    assert (role_threads(spm.ray, "renderer"), role_threads(spm.ray, "trainer")) == (2, 1)
+    evaluation = load_eval_config("eval-tiny")
+    assert role_threads(evaluation.ray, "generator") is None  # torch's default
+    with pytest.raises(ConfigError, match=r"ray.generator.torch_threads must be >= 1 or null, got 0"):
+        load_eval_config("eval-tiny", overrides=["ray.generator.torch_threads=0"])
+    with pytest.raises(ConfigError, match=r"ray.trainer.num_gpus above 1 must be a whole number, got 1.5"):
+        load_spm_config("spm-tiny", overrides=["data.train=x.parquet", "ray.trainer.num_gpus=1.5"])
