@@ -38,6 +38,7 @@ SIZES = ("tiny", "bench", "sd15", "sdxl")
 RUNNABLE = ("tiny", "bench")
 TARGET_RATIO = 0.9  # distributed >= 0.9x in-process kept pairs/s
 TARGET_HOP = 1.5  # each hop's bytes <= 1.5x its tensor minimum
+DEMO_PROMPTS = 16  # the runs use the demo prompt file's 16 prompts
 # Pairs kept per scoring event assumed for the published sizes (not run here); the runnable sizes
 # use the kept fraction their own runs measured.
 ASSUMED_KEPT_FRACTION = 0.8
@@ -401,7 +402,7 @@ def bench_config(opts: BenchOptions, engine: str, samplers: int):
     overrides = [*scale,
         f"model.pretrained={ensure_tiny_pipeline('sd15', opts.size)}", "model.dtype=fp32",
         f"sampling.num_steps={opts.steps}", f"sampling.prompts_per_round={opts.prompts_per_round}",
-        f"train.epochs={max(1, math.ceil(prompts / 16))}", "data.max_prompts=16",  # the 16 demo prompts
+        f"train.epochs={max(1, math.ceil(prompts / DEMO_PROMPTS))}", f"data.max_prompts={DEMO_PROMPTS}",
         f"run.max_rounds={opts.rounds}", "run.checkpoint_every_rounds=0", "run.progress=false", "run.device=cpu",
         "tracking.enabled=false", f"run.output_dir={Path(opts.out).resolve() / 'runs'}",
         f"run.name=bench-{engine}-{samplers}",
@@ -417,8 +418,15 @@ def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return [r for r in lines if r["kind"] == kind]
 
 
+def round_sizes(cfg) -> dict[int, int]:
+    """Prompts per round of a bench run's prompt plan (an epoch's last round may be short)."""
+    from spo_ray.components import prompt_plan
+
+    return {r.index: len(r.prompt_ids) for r in prompt_plan(cfg, DEMO_PROMPTS).rounds()}
+
+
 def measure_run(engine: str, summary: dict[str, Any], run_dir: Path, wall: float, samplers: int,
-                prompts_per_round: int) -> dict[str, Any]:
+                prompts_per_round: dict[int, int]) -> dict[str, Any]:
     """One engine run's row. Every rate and fraction is over the steady window, from the end of
     round 1 to the end of round N (start-up excluded), the same definition for both engines.
 
@@ -456,7 +464,7 @@ def measure_run(engine: str, summary: dict[str, Any], run_dir: Path, wall: float
     row: dict[str, Any] = {
         "engine": engine, "samplers": samplers if engine == "ray" else None, "rounds": len(rounds),
         "kept_pairs_per_s": pairs / span, "steady_window_s": span, "steady_pairs": pairs,
-        "prompts_per_s": len(steady) * prompts_per_round / span,
+        "prompts_per_s": sum(prompts_per_round[r["round"]] for r in steady) / span,
         "kept_pairs_per_s_end_to_end": acc["trained"] / max(wall, 1e-9), "wall_s": wall,
         "kept": acc["kept"], "scoring_events": acc["scoring_events"], "optimizer_steps": acc["optimizer_steps"],
         "unet_forwards_per_s_per_sampler": sc.get("unet_forwards", 0) / span / n_samplers,
@@ -500,7 +508,7 @@ def run_in_process_bench(opts: BenchOptions) -> dict[str, Any]:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no appended metrics, no resume
     started, load = time.time(), os.getloadavg()[0]
     summary = run_in_process(cfg)
-    row = measure_run("in-process", summary, cfg.run_dir, time.time() - started, 1, opts.prompts_per_round)
+    row = measure_run("in-process", summary, cfg.run_dir, time.time() - started, 1, round_sizes(cfg))
     return {**row, "load_average": [load, os.getloadavg()[0]]}
 
 
@@ -523,6 +531,7 @@ def start_local_ray(opts: BenchOptions) -> None:
 
 
 def run_ray_bench(opts: BenchOptions, samplers: int) -> dict[str, Any]:
+    from spo_ray.config import role_threads
     from spo_ray.ray_engine import run_on_ray
 
     cfg = bench_config(opts, "ray", samplers)
@@ -530,9 +539,8 @@ def run_ray_bench(opts: BenchOptions, samplers: int) -> dict[str, Any]:
     start_local_ray(opts)
     started, load = time.time(), os.getloadavg()[0]
     summary = run_on_ray(cfg)
-    row = measure_run("ray", summary, cfg.run_dir, time.time() - started, samplers, opts.prompts_per_round)
-    threads = {role: getattr(cfg.ray, role).torch_threads or cfg.ray.torch_threads_per_actor
-               for role in ("sampler", "scorer", "trainer")}
+    row = measure_run("ray", summary, cfg.run_dir, time.time() - started, samplers, round_sizes(cfg))
+    threads = {role: role_threads(cfg.ray, role) for role in ("sampler", "scorer", "trainer")}
     return {**row, "torch_threads": threads, "load_average": [load, os.getloadavg()[0]]}
 
 
@@ -580,11 +588,11 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _threads_phrase(rows: list[dict[str, Any]]) -> str:
-    ray_threads = {json.dumps(r["torch_threads"], sort_keys=True) for r in rows if "torch_threads" in r}
+    ray_threads = [r["torch_threads"] for r in rows if "torch_threads" in r]
     if not ray_threads:
         return "in-process engine only"
-    per_role = " / ".join(f"{role} {n}" for role, n in json.loads(sorted(ray_threads)[0]).items())
-    mixed = " (differs between runs: see bench.json)" if len(ray_threads) > 1 else ""
+    per_role = " / ".join(f"{role} {n}" for role, n in ray_threads[0].items())
+    mixed = " (differs between runs: see bench.json)" if any(t != ray_threads[0] for t in ray_threads) else ""
     return f"torch threads per Ray actor: {per_role}{mixed}; the in-process engine uses {torch.get_num_threads()}"
 
 

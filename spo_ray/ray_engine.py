@@ -46,6 +46,7 @@ from spo_ray.components import (
     load_model,
     prompt_plan,
     resolve_device,
+    set_role_threads,
 )
 from spo_ray.config import SPOConfig, config_from_dict
 from spo_ray.export import export_policy
@@ -245,12 +246,6 @@ def actor_names(cfg: SPOConfig) -> dict[str, str]:
     }
 
 
-def _set_threads(cfg: SPOConfig, role: str) -> None:
-    threads = getattr(cfg.ray, role).torch_threads or cfg.ray.torch_threads_per_actor
-    if threads:
-        torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- roles
 
 
@@ -259,7 +254,7 @@ class SamplerWorker:
 
     def __init__(self, cfg_dict: dict[str, Any]):
         self.cfg = config_from_dict(cfg_dict)
-        _set_threads(self.cfg, "sampler")
+        set_role_threads(self.cfg.ray, "sampler")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("unet", "text"))
         if self.cfg.train.lora:
@@ -309,7 +304,7 @@ class ScorerWorker:
         self.cfg = config_from_dict(cfg_dict)
         self.generation = generation
         self.strip_prompt_ids = strip_prompt_ids or {}  # round -> the prompt whose slice renders the strip
-        _set_threads(self.cfg, "scorer")
+        set_role_threads(self.cfg.ray, "scorer")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("vae",))
         apply_fast_path(self.model, self.cfg, device, inference_only=True)
@@ -365,7 +360,7 @@ class ValidationRenderer:
 
     def __init__(self, cfg_dict: dict[str, Any], prompts: list[str], seeds: list[int]):
         self.cfg = config_from_dict(cfg_dict)
-        _set_threads(self.cfg, "renderer")
+        set_role_threads(self.cfg.ray, "renderer")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device, ("unet", "vae", "text"))
         from spo_ray.training import setup_policy
@@ -416,9 +411,10 @@ def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int, generat
     scorers report to the ledger under ``generation``)."""
     rows = plan_rows(cfg, len(prompts), prompts, position)
     cfg_dict = cfg.to_dict()
-    strip_prompt_ids: dict[int, int] = {}
+    strip_prompt_ids: dict[int, int] = {}  # round -> its smallest prompt id: that slice renders the strip
     for row in rows:
-        strip_prompt_ids[row["round"]] = min(strip_prompt_ids.get(row["round"], row["prompt_ids"][0]), *row["prompt_ids"])
+        smallest = min(row["prompt_ids"])
+        strip_prompt_ids[row["round"]] = min(smallest, strip_prompt_ids.get(row["round"], smallest))
     ds = ray.data.from_items(rows, override_num_blocks=max(len(rows), 1))
     ds = ds.map_batches(
         SamplerWorker,
@@ -590,7 +586,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _set_threads(cfg, "trainer")
+    set_role_threads(cfg.ray, "trainer")
     device = ray.train.torch.get_device() if cfg.ray.trainer.num_gpus else torch.device("cpu")
     names = actor_names(cfg)
     store, ledger = ray.get_actor(names["store"]), ray.get_actor(names["ledger"])
