@@ -532,7 +532,7 @@ def start_local_ray(opts: BenchOptions) -> None:
 
 def run_ray_bench(opts: BenchOptions, samplers: int) -> dict[str, Any]:
     from spo_ray.config import role_threads
-    from spo_ray.ray_engine import run_on_ray
+    from spo_ray.ray.driver import run_on_ray
 
     cfg = bench_config(opts, "ray", samplers)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no appended metrics, no resume

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         if args.engine == "ray":
             from spo_ray.preflight import InputError
-            from spo_ray.ray_engine import run_on_ray
+            from spo_ray.ray.driver import run_on_ray
 
             try:
                 result = run_on_ray(cfg)
@@ -144,7 +144,7 @@ def job_main(default_preset: str, argv: list[str] | None = None) -> int:
         print(f"spo-ray: {err}", file=sys.stderr)
         return 2
     from spo_ray.preflight import InputError
-    from spo_ray.ray_engine import run_on_ray
+    from spo_ray.ray.driver import run_on_ray
 
     try:
         result = run_on_ray(cfg)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from spo_ray.config import SPOConfig, role_threads
+from spo_ray.config import SPOConfig
 from spo_ray.models import DiffusionModel, load_diffusion_model
 from spo_ray.prompts import PromptPlan, PromptSet, default_prompt_file, load_prompts, truncate_prompts
 from spo_ray.scorers import build_scorer
@@ -133,6 +133,11 @@ def prompt_plan(cfg: SPOConfig, num_prompts: int) -> PromptPlan:
     )
 
 
+def last_round(cfg: SPOConfig, plan: PromptPlan) -> int:
+    """The round index a run stops before: the plan's end, or ``run.max_rounds``."""
+    return plan.num_rounds if cfg.run.max_rounds is None else min(plan.num_rounds, cfg.run.max_rounds)
+
+
 def build_pool_scorer(cfg: SPOConfig, model: DiffusionModel, device: torch.device) -> PoolScorer:
     scorer = build_scorer(
         cfg.scorer.type,
@@ -143,20 +148,3 @@ def build_pool_scorer(cfg: SPOConfig, model: DiffusionModel, device: torch.devic
         **cfg.scorer.kwargs,
     )
     return PoolScorer(model.decode, scorer, threshold=cfg.scorer.threshold, max_batch=cfg.scorer.max_batch)
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over the trainer workers (the values themselves on one worker)."""
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def set_role_threads(ray_config: Any, role: str) -> None:
-    """Apply ``config.role_threads`` in this process (a role actor or trainer worker at start)."""
-    threads = role_threads(ray_config, role)
-    if threads:
-        torch.set_num_threads(threads)

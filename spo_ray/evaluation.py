@@ -409,7 +409,7 @@ class ImageRewardScorer:
 def _to_pil(images: torch.Tensor) -> list[Any]:
     from PIL import Image
 
-    from spo_ray.tracking import to_uint8
+    from spo_ray.rendering import to_uint8
 
     return [Image.fromarray(a) for a in to_uint8(images)]
 
@@ -446,12 +446,12 @@ class GenerationWorker:
             load_model,
             resolve_device,
             resolve_dtype,
-            set_role_threads,
             switch_on,
         )
+        from spo_ray.ray.common import worker_setup
 
         self.cfg = eval_config_from_dict(cfg_dict)
-        set_role_threads(self.cfg.ray, "generator")
+        worker_setup(self.cfg.ray, "generator")
         device = resolve_device(self.cfg)
         self.model = load_model(self.cfg, device)  # base UNet + VAE + text encoders, num_steps DDIM steps
         self.specs = {s["name"]: ModelSpec(**s) for s in specs}
@@ -491,8 +491,8 @@ class GenerationWorker:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from spo_ray.rendering import to_uint8
         from spo_ray.sampling import generate_latents
-        from spo_ray.tracking import to_uint8
 
         names = [str(m) for m in batch["model"]]
         prompts = [str(p) for p in batch["prompt"]]
@@ -512,10 +512,11 @@ class ScoringWorker:
     """Ray Data actor: every active metric's scorer; adds a ``score_<metric>`` column per metric."""
 
     def __init__(self, cfg_dict: dict[str, Any], metrics: list[str]) -> None:
-        from spo_ray.components import resolve_device, set_role_threads
+        from spo_ray.components import resolve_device
+        from spo_ray.ray.common import worker_setup
 
         self.cfg = eval_config_from_dict(cfg_dict)
-        set_role_threads(self.cfg.ray, "scorer")
+        worker_setup(self.cfg.ray, "scorer")
         device = resolve_device(self.cfg)
         self.scorers = {metric: build_metric_scorer(metric, self.cfg, device) for metric in metrics}
 
@@ -632,9 +633,9 @@ def comparison_grid(
 ) -> Any:
     """A PIL grid: one column per prompt; per seed a row of the base model above a row of the tuned one.
 
-    Size (tracking.image_grid): ``(len(prompt_ids) * (W + 2) + 2, 2 * len(seeds) * (H + 2) + 2)``.
+    Size (rendering.image_grid): ``(len(prompt_ids) * (W + 2) + 2, 2 * len(seeds) * (H + 2) + 2)``.
     """
-    from spo_ray.tracking import image_grid
+    from spo_ray.rendering import image_grid
 
     tiles = [images[(model, pid, seed)] for seed in seeds for model in (base, tuned) for pid in prompt_ids]
     array = np.stack(tiles).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0  # back to [-1, 1], exactly

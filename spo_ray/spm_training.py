@@ -539,12 +539,12 @@ class X0Renderer:
     tagged rows -> (pixels_0, pixels_1, t, prompt, label_0, weight) ready for the SPM."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        from spo_ray.components import set_role_threads
         from spo_ray.models import load_diffusion_model
+        from spo_ray.ray.common import worker_setup
         from spo_ray.spm import load_image_normalization
 
         self.cfg = spm_config_from_dict(cfg_dict)
-        set_role_threads(self.cfg.ray, "renderer")
+        worker_setup(self.cfg.ray, "renderer")
         device = _device(self.cfg)
         m = self.cfg.model
         self.model = load_diffusion_model(
@@ -657,14 +657,14 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from spo_ray.components import all_reduce_sum, set_role_threads
+    from spo_ray.ray.common import all_reduce_sum, worker_setup
     from spo_ray.spm import StepAwarePreferenceModel, load_clip_processor
     from spo_ray.training import warmup_lambda
 
     cfg = spm_config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_role_threads(cfg.ray, "trainer")
+    worker_setup(cfg.ray, "trainer")
     device = ray.train.torch.get_device() if cfg.ray.trainer.num_gpus else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
     spm = StepAwarePreferenceModel.from_pretrained(cfg.spm.clip_dir, cfg.spm.init_checkpoint, device=device)
@@ -710,7 +710,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
             continue
         step += 1
         if step % cfg.run.log_every == 0:
-            total = all_reduce_sum([sum(w[0] for w in window), len(window), sum(w[1] for w in window), sum(w[2] for w in window)])
+            total = all_reduce_sum([sum(w[0] for w in window), len(window), sum(w[1] for w in window), sum(w[2] for w in window)], device)
             record = {
                 "kind": "step", "step": step, "loss": total[0] / max(total[1], 1),
                 "train_accuracy": total[2] / max(total[3], 1), "lr": schedule.get_last_lr()[0],
@@ -746,9 +746,9 @@ def spm_train_loop(config: dict[str, Any]) -> None:
                 per_row = (correct, counted, pair_cross_entropy(logits, label_0), torch.ones_like(label_0), before)
                 for col, values in enumerate(per_row):
                     np.add.at(sums[col], b, values.float().cpu().numpy())
-    sums = np.array(all_reduce_sum(sums.reshape(-1).tolist())).reshape(5, n_buckets)
+    sums = np.array(all_reduce_sum(sums.reshape(-1).tolist(), device)).reshape(5, n_buckets)
     state = _final_state(engine, ds_config["bf16"]["enabled"])
-    total_rows = all_reduce_sum([rows])[0]
+    total_rows = all_reduce_sum([rows], device)[0]
     if rank == 0:
         buckets = [
             {"bucket": name, "t_min": lo, "t_max": hi - 1, "rows": int(sums[3, i]), "pairs_counted": int(sums[1, i]),

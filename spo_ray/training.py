@@ -1,5 +1,5 @@
-"""Training components shared by both engines: policy setup, the per-transition log-probs, the
-SPO loss over a micro-batch, micro-batch planning, and the in-process optimizer loop.
+"""Training components shared by both engines: policy setup, the per-transition log-probs and the
+SPO loss over a micro-batch (the optimizer side is spo_ray/learner.py).
 
 A kept pair of a segment with m transitions gives m transition pairs (win_in -> win_out,
 lose_in -> lose_out at the same timestep); each is one loss term. The first transition of a
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -206,136 +204,59 @@ def microbatch_loss(
     return loss, out
 
 
-def plan_microbatches(
-    num: int, batch_size: int, *, seed: int, epoch: int, round_index: int, world_size: int = 1, rank: int = 0
-) -> list[torch.Tensor]:
-    """A round's transitions shuffled (a pure function of ids) and cut into micro-batches.
-
-    With several trainer ranks every rank sees the whole round; global micro-batch i holds
-    ``batch_size * world_size`` transitions and rank r takes every world_size-th of them, so one
-    rank gives exactly the in-process engine's micro-batches. A rank whose share of the last
-    micro-batch is empty gets an empty index (it must still join the collective step).
-    """
-    order = rng.permutation(num, "pair_shuffle", seed, epoch, round_index)
-    step = batch_size * world_size
-    return [order[lo : lo + step][rank::world_size] for lo in range(0, num, step)]
+def autocast_dtype(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for the training forwards on a GPU (fp32 trainables), none on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" and train_cfg.mixed_precision != "fp32" else None
 
 
-def warmup_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def spo_loss_fn(
+    model: DiffusionModel,
+    unet: torch.nn.Module,
+    frozen_copy: torch.nn.Module | None,
+    train_cfg: TrainConfig,
+    sampling_cfg: SamplingConfig,
+    *,
+    autocast: torch.dtype | None = None,
+):
+    """The loss function :func:`spo_ray.learner.train_round` calls on each micro-batch."""
+
+    def loss_fn(batch: dict[str, object]) -> tuple[torch.Tensor, dict[str, float]]:
+        return microbatch_loss(model, unet, frozen_copy, batch, train_cfg, sampling_cfg, autocast_dtype=autocast)
+
+    return loss_fn
 
 
-# ----------------------------------------------------------------------------- in-process trainer
+def round_rows(pairs: dict[str, object]):
+    """All of a round's kept pairs as :class:`spo_ray.learner.RoundRows` (canonical order)."""
+    from spo_ray.learner import RoundRows
 
-
-@dataclass
-class StepMetrics:
-    """What one optimizer step reports (means over its micro-batches)."""
-
-    step: int
-    loss: float
-    ratio_win: float
-    ratio_lose: float
-    clip_frac: float
-    accuracy: float
-    score_win: float
-    score_lose: float
-    grad_norm: float
-    lr: float
-    skipped: bool
-    num_transitions: int
-
-
-class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row; the run stops (after a checkpoint)."""
+    if not pairs or num_rows(pairs) == 0:
+        return RoundRows(0, take=lambda idx: {}, any_row=lambda: {})
+    transitions = round_transitions(pairs)
+    return RoundRows(
+        num=num_rows(transitions),
+        take=lambda idx: take_rows(transitions, idx),
+        any_row=lambda: take_rows(transitions, torch.zeros(1, dtype=torch.long)),
+    )
 
 
 class LocalTrainer:
-    """The optimizer loop of the in-process engine, with DeepSpeed's semantics (DESIGN.md section 2):
-    the loss is divided by the accumulation steps, a non-finite step is skipped (the micro-step
-    counter stays aligned), and gradient clipping really clips when ``max_grad_norm`` is set.
-    """
+    """The in-process trainer: the policy (LoRA or full), its frozen reference, a TorchLearner, the
+    SPO loss and the round state; ``train_round`` is the learner's, as on Ray."""
 
-    def __init__(self, model: DiffusionModel, train_cfg: TrainConfig, sampling_cfg: SamplingConfig, *, device: torch.device):
-        self.model = model
-        self.cfg = train_cfg
-        self.sampling_cfg = sampling_cfg
-        self.device = device
+    def __init__(self, model: DiffusionModel, train_cfg: TrainConfig, sampling_cfg: SamplingConfig, *,
+                 device: torch.device):
+        from spo_ray.learner import TorchLearner, TrainState
+
+        self.train_cfg = train_cfg
         self.frozen_copy = setup_policy(model.unet, train_cfg)
-        self.params = trainable_parameters(model.unet)
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=train_cfg.learning_rate,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-            weight_decay=train_cfg.adam_weight_decay,
-            eps=train_cfg.adam_epsilon,
-        )
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(train_cfg.lr_warmup_steps))
-        self.autocast_dtype = torch.bfloat16 if (device.type == "cuda" and train_cfg.mixed_precision != "fp32") else None
-        self.global_step = 0
-        self.micro_step = 0
-        self.nonfinite_steps = 0
-        self.nonfinite_in_a_row = 0
+        self.learner = TorchLearner(model.unet, train_cfg)
+        self.loss_fn = spo_loss_fn(model, model.unet, self.frozen_copy, train_cfg, sampling_cfg,
+                                   autocast=autocast_dtype(train_cfg, device))
+        self.state = TrainState()
 
-    def _optimizer_step(self, partial: list[dict[str, float]], transitions: int) -> StepMetrics:
-        grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
-        skipped = not grads_finite or any(not math.isfinite(m["loss"]) for m in partial)
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if not skipped else float("nan")
-        if skipped:
-            self.nonfinite_steps += 1
-            self.nonfinite_in_a_row += 1
-        else:
-            self.optimizer.step()
-            self.lr_schedule.step()
-            self.nonfinite_in_a_row = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        mean = {key: sum(m[key] for m in partial) / len(partial) for key in partial[0]}
-        metrics = StepMetrics(
-            step=self.global_step,
-            grad_norm=grad_norm,
-            lr=self.optimizer.param_groups[0]["lr"],
-            skipped=skipped,
-            num_transitions=transitions,
-            **{k: mean[k] for k in ("loss", "ratio_win", "ratio_lose", "clip_frac", "accuracy", "score_win", "score_lose")},
-        )
-        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopping"
-            )
-        return metrics
+    def train_round(self, pairs: dict[str, object], *, epoch: int, round_index: int) -> list:
+        from spo_ray.learner import train_round
 
-    def train_round(self, pairs: dict[str, object], *, epoch: int, round_index: int) -> list[StepMetrics]:
-        """Train on one round's kept pairs: shuffled transitions, micro-batches, accumulation.
-
-        An optimizer step happens every ``grad_accum_steps`` micro-batches and at the round's
-        end, so the next round samples with weights that saw every pair of this one.
-        """
-        if num_rows(pairs) == 0:
-            return []
-        transitions = round_transitions(pairs)
-        micro = plan_microbatches(
-            num_rows(transitions), self.cfg.train_batch_size, seed=self.cfg.seed, epoch=epoch, round_index=round_index
-        )
-        self.model.unet.train()
-        results, partial, seen = [], [], 0
-        for i, idx in enumerate(micro):
-            batch = take_rows(transitions, idx)
-            loss, stats = microbatch_loss(
-                self.model, self.model.unet, self.frozen_copy, batch, self.cfg, self.sampling_cfg,
-                autocast_dtype=self.autocast_dtype,
-            )
-            stats["loss"] = float(loss.detach())
-            if torch.isfinite(loss):
-                (loss / self.cfg.grad_accum_steps).backward()
-            # else: no backward; the step that contains it is skipped and the counter stays aligned
-            self.micro_step += 1
-            partial.append(stats)
-            seen += len(idx)
-            if len(partial) == self.cfg.grad_accum_steps or i == len(micro) - 1:
-                results.append(self._optimizer_step(partial, seen))
-                partial, seen = [], 0
-        self.model.unet.eval()
-        return results
+        return train_round(self.learner, self.loss_fn, round_rows(pairs), self.train_cfg, self.state,
+                           epoch=epoch, round_index=round_index)

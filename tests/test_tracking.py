@@ -24,14 +24,13 @@ from PIL import Image
 from spo_ray import cli
 from spo_ray.config import load_config
 from spo_ray.local_engine import run_in_process
+from spo_ray.rendering import image_grid, pair_strip
 from spo_ray.tracking import (
     MAX_PARAM_VALUE,
     RunTracker,
     TrackingError,
     flatten_config,
-    image_grid,
     metric_name,
-    pair_strip,
 )
 
 EXPERIMENT = "spo-tracking-test"

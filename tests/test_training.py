@@ -1,6 +1,6 @@
 """Training components: transition pairs, the shared-x_t forward, the LoRA / full fine-tuning
-reference, and the in-process optimizer loop's semantics (clipping, accumulation, non-finite
-steps). Everything runs on the tiny models with real forwards and backwards.
+reference, and the round loop's semantics with the in-process learner (clipping, accumulation,
+non-finite steps). Everything runs on the tiny models with real forwards and backwards.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from spo_ray.loss import spo_loss
 from spo_ray.models import Conditioning
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.tiny import ensure_tiny_pipeline
+from spo_ray.learner import NonFiniteError, plan_microbatches
 from spo_ray.training import (
     LocalTrainer,
-    NonFiniteError,
     conditioning_of,
     expand_transitions,
     microbatch_loss,
-    plan_microbatches,
     reference_unet,
     setup_policy,
     take_rows,
@@ -218,7 +217,7 @@ def test_full_finetuning_reference_is_a_frozen_copy() -> None:
     frozen = trainer.frozen_copy
     assert frozen is not None and frozen is not unet
     assert all(p.requires_grad for p in unet.parameters())
-    assert len(trainer.params) == len(list(unet.parameters()))
+    assert len(trainer.learner.params) == len(list(unet.parameters()))
     assert not any(p.requires_grad for p in frozen.parameters())
     assert not frozen.training
     assert not {p.data_ptr() for p in frozen.parameters()} & {p.data_ptr() for p in unet.parameters()}
@@ -244,14 +243,14 @@ def test_full_finetuning_reference_is_a_frozen_copy() -> None:
 
 def _record_step_grads(trainer: LocalTrainer, record) -> None:
     """Call ``record()`` at every optimizer.step, i.e. after clipping, before the update."""
-    original = trainer.optimizer.step
+    original = trainer.learner.optimizer.step
 
     @functools.wraps(original)  # keeps the lr scheduler's marker on the wrapped step
     def step(*args, **kwargs):
         record()
         return original(*args, **kwargs)
 
-    trainer.optimizer.step = step
+    trainer.learner.optimizer.step = step
 
 
 @pytest.mark.parametrize("max_grad_norm", [1e-6, None])
@@ -260,7 +259,7 @@ def test_gradient_clipping_really_clips(max_grad_norm) -> None:
                         "train.train_batch_size=64")
     trainer = LocalTrainer(model, cfg.train, cfg.sampling, device=CPU)
     norms: list[float] = []
-    _record_step_grads(trainer, lambda: norms.append(_grad_norm(trainer.params)))
+    _record_step_grads(trainer, lambda: norms.append(_grad_norm(trainer.learner.params)))
     steps = trainer.train_round(_pairs(cfg, model, 1), epoch=0, round_index=0)
     assert len(steps) == 1 and len(norms) == 1 and not steps[0].skipped
     reported = steps[0].grad_norm  # the pre-clip norm
@@ -271,44 +270,45 @@ def test_gradient_clipping_really_clips(max_grad_norm) -> None:
         assert 0.5 * max_grad_norm < norms[0] <= max_grad_norm * (1 + 1e-3)
 
 
-def test_gradient_accumulation_divides_the_loss_and_flushes_partial_steps() -> None:
-    cfg, model = _setup("sd15", "train.grad_accum_steps=2", "train.train_batch_size=12")
+def test_gradient_accumulation_averages_over_the_micro_steps_a_step_has() -> None:
+    """grad_accum_steps=3 over 32 transitions in micro-batches of 7: steps of [7, 7, 7] and [7, 4].
+    Each step's gradient is the mean over its micro-steps of each micro-batch's mean gradient; the
+    round's last, partial step is averaged over the 2 micro-steps it has (not divided by 3)."""
+    cfg, model = _setup("sd15", "train.grad_accum_steps=3", "train.train_batch_size=7")
     trainer = LocalTrainer(model, cfg.train, cfg.sampling, device=CPU)
     _perturb_lora(model.unet, 3e-3)  # so that every LoRA parameter gets a gradient
     pairs = _pairs(cfg, model, 2)
     transitions = expand_transitions(pairs)
     assert len(transitions["pair_id"]) == 32
-    micro = plan_microbatches(32, 12, seed=cfg.train.seed, epoch=0, round_index=3)
-    assert [len(m) for m in micro] == [12, 12, 8]
+    micro = plan_microbatches(32, 7, seed=cfg.train.seed, epoch=0, round_index=3)
+    assert [len(m) for m in micro] == [7, 7, 7, 7, 4]
 
     def micro_grads(i: int) -> list[torch.Tensor]:
         loss, _ = microbatch_loss(model, model.unet, None, take_rows(transitions, micro[i]), cfg.train, cfg.sampling)
-        return list(torch.autograd.grad(loss, trainer.params))
+        return list(torch.autograd.grad(loss, trainer.learner.params))
 
     seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     def record() -> None:
         # at step time: the accumulated grads, and what each micro-batch gives at these weights
-        accumulated = [p.grad.clone() for p in trainer.params]
-        if not seen:
-            g0, g1 = micro_grads(0), micro_grads(1)
-            expected = [(a + b) / 2 for a, b in zip(g0, g1, strict=True)]
-        else:
-            expected = [g / 2 for g in micro_grads(2)]  # DeepSpeed's semantics: always / grad_accum_steps
+        accumulated = [p.grad.clone() for p in trainer.learner.params]
+        window = [0, 1, 2] if not seen else [3, 4]
+        grads = [micro_grads(i) for i in window]
+        expected = [sum(gs) / len(window) for gs in zip(*grads, strict=True)]
         seen.append((accumulated, expected))
 
     _record_step_grads(trainer, record)
     steps = trainer.train_round(pairs, epoch=0, round_index=3)
-    assert [s.num_transitions for s in steps] == [24, 8]
-    assert trainer.global_step == 2 and trainer.micro_step == 3 and len(seen) == 2
+    assert [s.num_transitions for s in steps] == [21, 11]
+    assert trainer.state.global_step == 2 and trainer.state.micro_step == 5 and len(seen) == 2
     for accumulated, expected in seen:
         scale = max(float(g.abs().max()) for g in expected)
         assert scale > 0
         for got, want in zip(accumulated, expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-3)
-    # accumulating without the division would double the gradient: make sure that is detectable
-    first, expected = seen[0]
-    assert not torch.allclose(first[0], 2 * expected[0], atol=1e-4 * float(expected[0].abs().max()))
+    # the old rule (the partial step divided by grad_accum_steps=3) would give 2/3 of it: detectable
+    last, expected = seen[1]
+    assert not torch.allclose(last[0], expected[0] * 2 / 3, atol=1e-4 * float(expected[0].abs().max()))
 
 
 def _nan_on_calls(monkeypatch, nan_calls) -> list[int]:
@@ -328,7 +328,7 @@ def _nan_on_calls(monkeypatch, nan_calls) -> list[int]:
 
 
 def _snapshot(trainer: LocalTrainer) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in trainer.params]
+    return [p.detach().clone() for p in trainer.learner.params]
 
 
 def test_nonfinite_step_is_skipped(monkeypatch) -> None:
@@ -344,11 +344,11 @@ def test_nonfinite_step_is_skipped(monkeypatch) -> None:
     steps = trainer.train_round(pairs, epoch=0, round_index=0)
     assert len(calls) == 2 and [s.skipped for s in steps] == [True, True]
     assert all(math.isnan(s.grad_norm) and math.isnan(s.loss) for s in steps)
-    assert updates == [] and not trainer.optimizer.state
+    assert updates == [] and not trainer.learner.optimizer.state
     assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(trainer), strict=True))
-    assert all(p.grad is None for p in trainer.params)
-    assert trainer.nonfinite_steps == 2 and trainer.nonfinite_in_a_row == 2
-    assert trainer.global_step == 2 and trainer.micro_step == 2
+    assert all(p.grad is None for p in trainer.learner.params)
+    assert trainer.state.nonfinite_steps == 2 and trainer.state.nonfinite_in_a_row == 2
+    assert trainer.state.global_step == 2 and trainer.state.micro_step == 2
 
     # only the first micro-batch non-finite: the first step is skipped, the second one updates
     calls = _nan_on_calls(monkeypatch, {1})
@@ -357,13 +357,13 @@ def test_nonfinite_step_is_skipped(monkeypatch) -> None:
     assert math.isfinite(steps[1].loss) and steps[1].grad_norm > 0
     assert len(updates) == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, _snapshot(trainer), strict=True))
-    assert trainer.nonfinite_steps == 3 and trainer.nonfinite_in_a_row == 0
-    assert trainer.global_step == 4 and trainer.micro_step == 4
+    assert trainer.state.nonfinite_steps == 3 and trainer.state.nonfinite_in_a_row == 0
+    assert trainer.state.global_step == 4 and trainer.state.micro_step == 4
 
     # a finite loss with a non-finite gradient is skipped too
     monkeypatch.undo()
     after = _snapshot(trainer)
-    handle = trainer.params[0].register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    handle = trainer.learner.params[0].register_hook(lambda grad: torch.full_like(grad, float("inf")))
     try:
         steps = trainer.train_round(pairs, epoch=0, round_index=2)
     finally:
@@ -372,7 +372,7 @@ def test_nonfinite_step_is_skipped(monkeypatch) -> None:
     assert all(math.isfinite(s.loss) for s in steps)
     assert len(updates) == 1
     assert all(torch.equal(a, b) for a, b in zip(after, _snapshot(trainer), strict=True))
-    assert trainer.nonfinite_steps == 5 and trainer.nonfinite_in_a_row == 2
+    assert trainer.state.nonfinite_steps == 5 and trainer.state.nonfinite_in_a_row == 2
 
 
 def test_too_many_nonfinite_steps_in_a_row_raise(monkeypatch) -> None:
@@ -384,14 +384,14 @@ def test_too_many_nonfinite_steps_in_a_row_raise(monkeypatch) -> None:
     _nan_on_calls(monkeypatch, {1, 2, 4})
     steps = trainer.train_round(pairs, epoch=0, round_index=0)
     assert [s.skipped for s in steps] == [True, True, False, True]
-    assert trainer.nonfinite_in_a_row == 1
+    assert trainer.state.nonfinite_in_a_row == 1
 
     # the streak carries over into the next round: the 2nd NaN step there is the 3rd in a row
     before = _snapshot(trainer)
     calls = _nan_on_calls(monkeypatch, "all")
     with pytest.raises(NonFiniteError, match="max_nonfinite_steps=3"):
         trainer.train_round(pairs, epoch=0, round_index=1)
-    assert len(calls) == 2 and trainer.nonfinite_in_a_row == 3
+    assert len(calls) == 2 and trainer.state.nonfinite_in_a_row == 3
     assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(trainer), strict=True))
 
 

@@ -1,0 +1,287 @@
+"""One Ray Train worker of the SPO engine: set up once, then a round loop of named stages.
+
+    take the round (wait for the ledger's end marker, gather its pairs)
+    -> train it (learner.train_round, the same as in process)
+    -> publish the next policy version (rank 0 -> PolicyStore)
+    -> report (rank 0: metrics.jsonl, MLflow, the console, images)
+    -> checkpoint (every run.checkpoint_every_rounds; collective under ZeRO)
+
+Every rank runs every stage (the collectives line up); rank 0 alone talks to the store, the
+run log and MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.train
+
+from spo_ray import records, telemetry
+from spo_ray.checkpointing import (
+    RunProgress,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_weights,
+    save_checkpoint,
+)
+from spo_ray.components import apply_fast_path, last_round, load_model, prompt_plan
+from spo_ray.config import SPOConfig, config_from_dict
+from spo_ray.export import export_policy
+from spo_ray.learner import StepRecord, train_round
+from spo_ray.prompts import PromptPlan, Round
+from spo_ray.ray.common import trainer_device, worker_setup
+from spo_ray.ray.coordination import actor_names
+from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
+from spo_ray.ray.stream import ShardPump, gather_round, wait_for_round
+from spo_ray.run_log import RunLog, next_round_step, round_record
+from spo_ray.tracking import RunTracker
+from spo_ray.training import autocast_dtype, round_rows, setup_policy, spo_loss_fn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerContext:
+    """What one trainer rank works with, set up once (``set_up``); the run's state is RunProgress."""
+
+    cfg: SPOConfig
+    rank: int
+    world: int
+    learner: DeepSpeedLearner
+    loss_fn: Any
+    pump: ShardPump
+    store: Any
+    ledger: Any
+    plan: PromptPlan
+    end: int  # the round index this attempt stops before
+    tracker: RunTracker | None = None  # rank 0
+    run_log: RunLog | None = None  # rank 0
+    renderer: Any = None  # rank 0, with tracking and validation prompts
+    pending_grids: list[tuple[str, Any]] = field(default_factory=list)
+    last_grid_position: int = -1
+    lags: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = config_from_dict(config["cfg"])
+    worker_setup(cfg.ray, "trainer")
+    ctx, progress = set_up(cfg, len(config["prompts"]))
+    try:
+        run_rounds(ctx, progress)
+        finish(ctx, progress)
+    except BaseException:
+        if ctx.tracker is not None:
+            ctx.tracker.end("FAILED")
+        raise
+    if ctx.tracker is not None:
+        ctx.tracker.end("FINISHED")
+
+
+def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
+    publish(ctx, progress, rollback=True)  # the starting policy: the store rolls back to it on a restart
+    for rnd in ctx.plan.rounds_from(progress.position):
+        if rnd.index >= ctx.end:
+            break
+        started = time.time()
+        scored = wait_for_round(ctx.pump, ctx.ledger, rnd.index, ctx.rank, ctx.learner.device)
+        pairs = gather_round(ctx.pump.pop(rnd.index))
+        lag = policy_lag(ctx, progress, pairs, rnd)
+        trained = time.time()
+        steps = train_round(ctx.learner, ctx.loss_fn, round_rows(pairs), ctx.cfg.train, progress.train,
+                            epoch=rnd.epoch, round_index=rnd.index)
+        time.sleep(ctx.cfg.train.test_delay_s * len(steps))  # tests slow the trainer to exercise the gate
+        train_seconds = time.time() - trained
+        progress.policy_version += 1
+        publish(ctx, progress)
+        account(progress, rnd, scored, pairs, steps)
+        progress.position = rnd.index + 1
+        if ctx.rank == 0:
+            report(ctx, progress, rnd, lag, pairs, steps, seconds=time.time() - started,
+                   wait_seconds=trained - started, train_seconds=train_seconds)
+        if ctx.cfg.run.checkpoint_every_rounds and progress.position % ctx.cfg.run.checkpoint_every_rounds == 0:
+            checkpoint(ctx, progress)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgress]:
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    device = trainer_device(cfg.ray.trainer)
+    names = actor_names(cfg)
+    store, ledger = ray.get_actor(names["store"]), ray.get_actor(names["ledger"])
+    # Start the stream first: the sampler and scorer actors start and load their models while this
+    # worker loads its own and initializes DeepSpeed (samplers then wait at the store for the
+    # version rank 0 publishes), instead of after it.
+    pump = ShardPump(ray.train.get_dataset_shard("pairs"))
+
+    model = load_model(cfg, device, ("unet", "text"))
+    apply_fast_path(model, cfg, device, inference_only=False)
+    model.negative_conditioning(1)  # cached; the trainer needs no text encoder after this
+    model.free_text_encoders()
+    frozen_copy = setup_policy(model.unet, cfg.train)
+    progress, moments = RunProgress(), None
+    resumed = latest_checkpoint(cfg.run_dir)
+    if resumed is not None:
+        progress, weights, moments = load_checkpoint(resumed)
+        load_trainable_weights(model.unet, weights, source=str(resumed))
+        if rank == 0:
+            log.info("trainer resumed from %s (prompt-plan position %d, policy version %d, written by the %s engine)",
+                     resumed, progress.position, progress.policy_version, progress.engine)
+    learner = DeepSpeedLearner(model.unet, cfg, device)
+    if moments is not None:
+        learner.load_optimizer_state(moments, progress.applied_steps)
+    loss_fn = spo_loss_fn(model, learner.module, frozen_copy, cfg.train, cfg.sampling,
+                          autocast=autocast_dtype(cfg.train, device))
+    plan = prompt_plan(cfg, num_prompts)
+    ctx = TrainerContext(cfg, rank, world, learner, loss_fn, pump, store, ledger, plan, last_round(cfg, plan))
+    progress.engine = "ray"
+    if rank == 0:
+        # MLflow from trainer rank 0 (Ray Train V2 refuses Tune logger callbacks); a restart or a
+        # re-submission continues the checkpoint's MLflow run.
+        ctx.tracker = RunTracker(cfg, engine="ray")
+        ctx.tracker.start(resume_run_id=progress.mlflow_run_id)
+        progress.mlflow_run_id = ctx.tracker.run_id
+        ctx.run_log = RunLog(cfg.run_dir, ctx.tracker, resume_position=progress.position, total_rounds=ctx.end)
+        if ctx.tracker.active:
+            with contextlib.suppress(ValueError):  # absent when there are no validation prompts
+                ctx.renderer = ray.get_actor(names["renderer"])
+    return ctx, progress
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def policy_lag(ctx: TrainerContext, progress: RunProgress, pairs: dict[str, Any], rnd: Round) -> int:
+    """How many versions behind the round's oldest pair was sampled (bounded by the store's gate)."""
+    lag = progress.policy_version - int(pairs["policy_version"].min()) if pairs and records.num_rows(pairs) else 0
+    if lag > ctx.cfg.ray.max_policy_lag:
+        raise RuntimeError(f"round {rnd.index} was sampled {lag} versions behind (max {ctx.cfg.ray.max_policy_lag})")
+    ctx.lags.append(lag)
+    return lag
+
+
+def publish(ctx: TrainerContext, progress: RunProgress, *, rollback: bool = False) -> None:
+    """The current weights as ``progress.policy_version`` (collective under ZeRO-3; rank 0 sends)."""
+    weights = ctx.learner.trainable_weights()
+    if ctx.rank != 0:
+        return
+    arrays = {k: v.float().numpy() for k, v in weights.items()}
+    ray.get((ctx.store.rollback if rollback else ctx.store.publish).remote(progress.policy_version, arrays))
+    epoch_ended = progress.position % ctx.plan.rounds_per_epoch == 0
+    if ctx.renderer is not None and not rollback and epoch_ended:
+        ctx.pending_grids.append((f"epoch_{(progress.position - 1) // ctx.plan.rounds_per_epoch}",
+                                  ctx.renderer.render.remote(arrays)))
+        ctx.last_grid_position = progress.position
+
+
+def account(progress: RunProgress, rnd: Round, scored: tuple[int, int, int], pairs: dict[str, Any],
+            steps: list[StepRecord]) -> None:
+    events, kept, rejected = scored
+    num_pairs = records.num_rows(pairs) if pairs else 0
+    progress.accounting.add(
+        prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, trained=num_pairs,
+        transitions_trained=int(pairs["seg_len"].sum()) if num_pairs else 0, optimizer_steps=len(steps),
+        skipped_steps=sum(s.skipped for s in steps),
+    )
+
+
+def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pairs: dict[str, Any],
+           steps: list[StepRecord], *, seconds: float, wait_seconds: float, train_seconds: float) -> None:
+    """Rank 0: the round's records to metrics.jsonl, MLflow and the console; images when ready."""
+    num_pairs = records.num_rows(pairs) if pairs else 0
+    record = round_record(
+        round_index=rnd.index, epoch=rnd.epoch, prompts=len(rnd.prompt_ids), policy_lag=lag,
+        scores=ray.get(ctx.ledger.round_scores.remote(rnd.index)), steps=steps,
+        pair_ids=pairs["pair_id"].tolist() if num_pairs else [],
+        transitions=int(pairs["seg_len"].sum()) if num_pairs else 0, seconds=seconds, wait_seconds=wait_seconds,
+        train_seconds=train_seconds, busy=actor_busy_fractions(ctx.cfg), accounting=progress.accounting,
+    )
+    progress.mlflow_round_step = next_round_step(progress.train.global_step, progress.mlflow_round_step)
+    ctx.run_log.steps(steps)
+    ctx.run_log.round(record, mlflow_step=progress.mlflow_round_step)
+    if ctx.tracker.active:
+        ctx.pending_grids = log_ready_grids(ctx.tracker, ctx.pending_grids)
+        strip = ray.get(ctx.ledger.take_strip.remote(rnd.index))
+        if strip is not None:
+            ctx.tracker.log_image(_image(strip), f"pairs/round_{rnd.index:07d}.png")
+
+
+def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
+    """Weights and whole Adam moments (collective under ZeRO), written by rank 0."""
+    weights = ctx.learner.trainable_weights()
+    moments = ctx.learner.optimizer_state()
+    if ctx.rank != 0:
+        return
+    progress.applied_steps = ctx.learner.applied_steps()
+    path = save_checkpoint(ctx.cfg.run_dir, progress, weights=weights, optimizer=moments, keep=ctx.cfg.run.keep_checkpoints)
+    if ctx.tracker.active and ctx.cfg.tracking.log_checkpoints:
+        ctx.tracker.log_artifact(path, f"checkpoints/{path.name}")
+
+
+def finish(ctx: TrainerContext, progress: RunProgress) -> None:
+    """The last grid, the exported policy (inside the collective gather) and rank 0's summary."""
+    cfg = ctx.cfg
+    weights = ctx.learner.trainable_weights()  # collective under ZeRO-3: every rank calls it
+    if ctx.renderer is not None:
+        if ctx.last_grid_position != progress.position:
+            arrays = {k: v.float().numpy() for k, v in weights.items()}
+            ctx.pending_grids.append(("final", ctx.renderer.render.remote(arrays)))
+        log_ready_grids(ctx.tracker, ctx.pending_grids, wait=True)
+    final_dir = cfg.run_dir / "final"
+    with ctx.learner.gathered(everything=not cfg.train.lora):
+        if ctx.rank == 0:
+            export_policy(ctx.learner.engine.module, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir)
+    if ctx.rank == 0:
+        summary = {
+            "engine": "ray", "run_dir": str(cfg.run_dir), "final_dir": str(final_dir),
+            "position": progress.position, "policy_version": progress.policy_version,
+            "trainer_accounting": progress.accounting.to_dict(), "max_policy_lag_seen": max(ctx.lags, default=0),
+            "lags": ctx.lags, "world_size": ctx.world, "global_step": progress.train.global_step,
+            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id,
+        }
+        if ctx.tracker.active:
+            ctx.tracker.log_artifact(final_dir, "final")
+            ctx.tracker.register_lora(final_dir, "final")
+        (cfg.run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
+    ray.train.report({"policy_version": progress.policy_version, "global_step": progress.train.global_step})
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def actor_busy_fractions(cfg: SPOConfig) -> dict[str, float]:
+    """busy/sampler and busy/scorer so far (per actor, over the run's metered window)."""
+    roles = telemetry.collect(cfg.run.name).get("roles", {})
+    return {
+        role: stats["busy_fraction"] for role, stats in roles.items()
+        if role in ("sampler", "scorer") and stats.get("busy_fraction") is not None
+    }
+
+
+def _image(png: bytes) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
+
+
+def log_ready_grids(tracker: RunTracker, pending: list[tuple[str, Any]], wait: bool = False) -> list[tuple[str, Any]]:
+    """Log the validation grids that are rendered (all of them with ``wait``); return the rest."""
+    still = []
+    for name, ref in pending:
+        ready, _ = ray.wait([ref], timeout=None if wait else 0)
+        if ready:
+            tracker.log_image(_image(ray.get(ref)), f"images/{name}.png")
+        else:
+            still.append((name, ref))
+    return still
+

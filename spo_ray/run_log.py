@@ -1,0 +1,153 @@
+"""One record of a run: the step and round records both engines write, and the one writer that
+fans them out to ``metrics.jsonl``, MLflow and the console.
+
+    run_log = RunLog(run_dir, tracker, resume_position=progress.position)
+    run_log.steps(step_records)                       # one StepRecord per optimizer step
+    run_log.round(round_record(...), mlflow_step=s)   # one record per round, same keys from both engines
+
+metrics.jsonl holds each step and each round once, also after a resume from an older checkpoint:
+opening the log for a resume cuts the records of the rounds the run is about to redo. MLflow
+skips steps a metric already has (tracking.RunTracker), so it never has a step twice either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spo_ray.accounting import Accounting
+from spo_ray.learner import StepRecord
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+# Round-record keys that are not MLflow metrics (lists, the record's own bookkeeping).
+NOT_METRICS = ("kind", "time", "pair_ids")
+
+
+@dataclass
+class RoundScores:
+    """What the scorers saw in one round (from ``ScoringStats`` in process, the ledger on Ray)."""
+
+    events: int = 0
+    kept: int = 0
+    rejected: int = 0
+    score_sum: float = 0.0
+    images: int = 0
+    buckets: dict[str, tuple[int, int]] = field(default_factory=dict)  # timestep bucket -> (events, kept)
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> RoundScores:
+        """From a round's ``scoring.ScoringStats`` (the in-process engine scores a round at once)."""
+        buckets = {b: (n, stats.kept_by_bucket.get(b, 0)) for b, n in stats.events_by_bucket.items()}
+        return cls(stats.events, stats.kept, stats.rejected, stats.score_sum, stats.images, buckets)
+
+
+def round_record(
+    *,
+    round_index: int,
+    epoch: int,
+    prompts: int,
+    policy_lag: int,
+    scores: RoundScores,
+    steps: list[StepRecord],
+    pair_ids: list[int],
+    transitions: int,
+    seconds: float,
+    wait_seconds: float,
+    train_seconds: float,
+    busy: Mapping[str, float],
+    accounting: Accounting,
+) -> dict[str, Any]:
+    """The one round record (both engines): what was sampled, scored, kept and trained, and how long it took."""
+    record: dict[str, Any] = {
+        "kind": "round", "time": time.time(), "round": round_index, "epoch": epoch, "prompts": prompts,
+        "policy_lag": policy_lag, "scoring_events": scores.events, "kept": scores.kept, "rejected": scores.rejected,
+        "kept_fraction": scores.kept / max(scores.events, 1),
+        "mean_score": scores.score_sum / max(scores.images, 1),
+        "pairs": len(pair_ids), "transitions": transitions,
+        "round_loss": sum(s.loss for s in steps) / len(steps) if steps else None,
+        "optimizer_steps": len(steps),
+        "pairs_per_s": len(pair_ids) / max(seconds, 1e-9), "round_seconds": seconds, "wait_seconds": wait_seconds,
+        "busy/trainer": train_seconds / max(seconds, 1e-9),
+    }
+    for bucket, (events, kept) in sorted(scores.buckets.items()):
+        record[f"kept_fraction/{bucket}"] = kept / max(events, 1)
+    record.update({f"busy/{role}": value for role, value in busy.items()})
+    record.update({f"accounting/{k}": v for k, v in accounting.to_dict().items()})
+    record["pair_ids"] = sorted(pair_ids)
+    return record
+
+
+class RunLog:
+    """Writes step and round records to metrics.jsonl, MLflow (a ``RunTracker`` or None) and the log."""
+
+    def __init__(self, run_dir: Path, tracker: Any = None, *, resume_position: int = 0, total_rounds: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker
+        self.total_rounds = total_rounds
+        self._cut_redone(resume_position)
+
+    def _cut_redone(self, position: int) -> None:
+        """Drop the records of rounds >= ``position``: a resume redoes them and writes them again."""
+        if not self.path.is_file():
+            return
+        kept, cut = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                cut += 1
+                continue
+            if record.get("round", -1) >= position:
+                cut += 1
+            else:
+                kept.append(line)
+        if cut:
+            self.path.write_text("".join(line + "\n" for line in kept))
+            log.info("metrics.jsonl: cut %d record(s) of rounds >= %d (redone after the resume)", cut, position)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        with self.path.open("a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+
+    def steps(self, steps: list[StepRecord]) -> None:
+        self._append([{"kind": "step", "time": time.time(), **s.to_dict()} for s in steps])
+        if self.tracker is not None:
+            for s in steps:
+                values = s.to_dict()
+                self.tracker.log_metrics({k: v for k, v in values.items() if k not in ("step", "round", "epoch")},
+                                         step=s.step)
+
+    def round(self, record: dict[str, Any], *, mlflow_step: int) -> None:
+        self._append([record])
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k not in NOT_METRICS}, step=mlflow_step)
+        loss = record["round_loss"]
+        of = f"/{self.total_rounds}" if self.total_rounds else ""
+        log.info(
+            "round %d%s | prompts %d | pairs kept %d rejected %d | optimizer steps %d | loss %s | lag %d | pairs/s %.2f",
+            record["round"] + 1, of, record["accounting/prompts"], record["accounting/kept"],
+            record["accounting/rejected"], record["accounting/optimizer_steps"],
+            "-" if loss is None or not math.isfinite(loss) else f"{loss:.4f}", record["policy_lag"], record["pairs_per_s"],
+        )
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """INFO lines to stderr with time and module (every entry point and every Ray worker calls it;
+    a second call changes nothing)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def next_round_step(global_step: int, last_round_step: int) -> int:
+    """The MLflow step of a round record: the round's last optimizer step; a round that trained
+    nothing moves one step on, so no round metric has a step twice."""
+    return global_step if global_step > last_round_step else last_round_step + 1
