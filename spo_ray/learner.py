@@ -169,7 +169,7 @@ class TorchLearner:
             state = self.optimizer.state.get(param, {})
             for key in ADAM_STATE_KEYS:
                 if key in state:
-                    out[f"{name}.{key}"] = state[key].detach().float().cpu()
+                    out[f"{name}.{key}"] = state[key].detach().float().cpu().clone()  # a snapshot, not a view
         return out
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], applied_steps: int) -> None:

@@ -158,8 +158,8 @@ class DeepSpeedLearner:
                 value = safe_get_full_optimizer_state(param, key)
                 if value is None:  # ZeRO stage 0: the torch optimizer holds per-parameter state
                     value = self.inner.state.get(param, {}).get(key)
-                if value is not None:
-                    out[f"{name}.{key}"] = value.detach().float().cpu().reshape(param.shape)
+                if value is not None:  # ZeRO-3 holds an empty placeholder; ds_shape is the whole shape
+                    out[f"{name}.{key}"] = value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape)).clone()
         return out
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], applied_steps: int) -> None:
@@ -169,12 +169,15 @@ class DeepSpeedLearner:
 
         # torch's Adam creates its state at the first step, and ZeRO links each parameter to its
         # fragment of that state only then: create it now (zeros) and link, so it can be filled.
-        for group in self.inner.param_groups:
-            for flat in group["params"]:
-                if not self.inner.state[flat]:
-                    self.inner.state[flat].update(
-                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
-                    )
+        # (ZeRO-3 hands its fp32 partitions to the optimizer one sub-group at a time, so they are
+        # listed apart from its param_groups.)
+        flats = [p for group in self.inner.param_groups for p in group["params"]]
+        flats += list(getattr(self.optimizer, "fp32_partitioned_groups_flat", []))
+        for flat in flats:
+            if not self.inner.state[flat]:
+                self.inner.state[flat].update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+                )
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
             link()
@@ -183,7 +186,9 @@ class DeepSpeedLearner:
                 value = tensors.get(f"{name}.{key}")
                 if value is None:
                     continue
-                if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+                if hasattr(param, "ds_id"):
+                    _set_zero3_state(param, value, key)
+                elif hasattr(param, "_hp_mapping"):
                     safe_set_full_optimizer_state(param, value.to(param.device), key)
                 else:
                     self.inner.state[param][key] = value.to(param.device).reshape(param.shape).clone()
@@ -191,3 +196,20 @@ class DeepSpeedLearner:
             state["step"] = torch.tensor(float(applied_steps))
         self._applied = applied_steps
         set_schedule_position(self.inner, self.schedule, applied_steps)
+
+
+def _set_zero3_state(param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's partition of a whole optimizer-state tensor under ZeRO-3.
+
+    DeepSpeed's ``safe_set_full_optimizer_state`` narrows the unpadded tensor at
+    ``partition size x rank``, which fails for a parameter smaller than the world's padded
+    partitions (e.g. a 4-element bias on 8+ ranks: every SDXL UNet has some). The same copy,
+    from the tensor zero-padded to ``partition size x world``."""
+    import torch.distributed as dist
+
+    optimizer = param._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    size, rank = part.numel(), optimizer._get_param_partition_rank(param)
+    padded = torch.zeros(size * dist.get_world_size(), dtype=part.dtype)
+    padded[: value.numel()] = value.flatten().to(part.dtype)
+    part.data.copy_(padded[size * rank : size * (rank + 1)].to(part.device))

@@ -1,0 +1,215 @@
+"""The one learner: ``train_round`` means the same with the in-process TorchLearner and with the
+DeepSpeed learner at ZeRO 0, 2 and 3, on one rank and on two (gloo, spawned processes): the same
+steps, the same non-finite handling (dropped micro-batches, skipped steps, max_nonfinite_steps)
+and the same weights; optimizer state moves between them by parameter name, exactly.
+
+A small MLP stands in for the UNet (the learner does not care what it trains), so DeepSpeed's
+real engine, ZeRO partitioning and gloo collectives run in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from spo_ray.config import load_config
+from spo_ray.learner import (
+    LOSS_STATS,
+    NonFiniteError,
+    RoundRows,
+    TorchLearner,
+    TrainState,
+    plan_microbatches,
+    train_round,
+)
+
+ROWS = 40  # transitions per round: micro-batches of 6 -> [6]*6 + [4], steps of 3 micro-batches -> [3, 3, 1]
+ROUNDS = 4
+SEED = 42  # the tiny-sd15 preset's
+
+
+def _micro(round_index: int, *which: int) -> set[int]:
+    """The rows of the given micro-batches of a round's plan (rows are shuffled into micro-batches)."""
+    plan = plan_microbatches(ROWS, 6, seed=SEED, epoch=0, round_index=round_index)
+    return {int(r) for i in which for r in plan[i]}
+
+
+# round -> rows whose loss is NaN: one row of micro-batch 1; micro-batches 3..6 (steps 2 and 3); everything
+NAN_ROWS = {1: {min(_micro(1, 1))}, 2: _micro(2, 3, 4, 5, 6), 4: set(range(ROWS))}
+INF_GRAD_ROWS = {3: {min(_micro(3, 0))}}  # round -> a row whose backward is inf (its loss is finite)
+
+
+def _cfg(stage: int = 2, max_nonfinite_steps: int = 5):
+    return load_config("tiny-sd15", overrides=[
+        "train.train_batch_size=6", "train.grad_accum_steps=3", "train.learning_rate=0.05", "train.lr_warmup_steps=3",
+        f"train.max_nonfinite_steps={max_nonfinite_steps}", f"ray.zero_stage={stage}",
+    ])
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _rows(round_index: int) -> RoundRows:
+    gen = torch.Generator().manual_seed(round_index)
+    data = {"x": torch.randn(ROWS, 8, generator=gen), "y": torch.randn(ROWS, generator=gen), "row": torch.arange(ROWS)}
+    return RoundRows(ROWS, take=lambda idx: {k: v[idx] for k, v in data.items()},
+                     any_row=lambda: {k: v[:1] for k, v in data.items()})
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _loss_fn(module: torch.nn.Module, round_index: int):
+    def loss_fn(batch):
+        out = module(batch["x"]).squeeze(-1)
+        rows = set(batch["row"].tolist())
+        if rows & INF_GRAD_ROWS.get(round_index, set()):
+            out = _InfGrad.apply(out)
+        loss = (out - batch["y"]).pow(2).mean()
+        if rows & NAN_ROWS.get(round_index, set()):
+            loss = loss * float("nan")
+        return loss, {k: float(batch["y"].mean()) for k in LOSS_STATS}
+
+    return loss_fn
+
+
+def _run(learner, cfg, rounds=range(ROUNDS)) -> tuple[list[dict], TrainState]:
+    state, records = TrainState(), []
+    for r in rounds:
+        steps = train_round(learner, _loss_fn(learner.module, r), _rows(r), cfg.train, state, epoch=0, round_index=r)
+        records += [s.to_dict() for s in steps]
+    return records, state
+
+
+def _worker(rank: int, world: int, port: int, out: str, stages: list[int]) -> None:
+    import torch.distributed as dist
+
+    from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for stage in stages:
+        cfg = _cfg(stage)
+        learner = DeepSpeedLearner(_model(), cfg, torch.device("cpu"))
+        records, state = _run(learner, cfg)
+        with learner.gathered():
+            weights = {n: p.detach().clone() for n, p in learner.trainables().items()}
+        moments = learner.optimizer_state()
+        # the checkpoint's moments into a fresh learner of the same stage: exact, and it trains on alike
+        model = _model()
+        model.load_state_dict(weights)  # as the trainer does: weights in before DeepSpeed builds its masters
+        resumed = DeepSpeedLearner(model, cfg, torch.device("cpu"))
+        resumed.load_optimizer_state(moments, learner.applied_steps())
+        reloaded = resumed.optimizer_state()
+        next_round = _run(resumed, cfg, rounds=[ROUNDS + 1])[0]
+        try:  # round 4: every loss NaN -> 3 non-finite steps in a row, max 2
+            train_round(learner, _loss_fn(learner.module, 4), _rows(4), _cfg(stage, 2).train, state, epoch=0, round_index=4)
+            raised = None
+        except NonFiniteError as err:
+            raised = str(err)
+        results[stage] = {"records": records, "weights": weights, "moments": moments, "reloaded": reloaded,
+                          "applied": learner.applied_steps(), "next_round": next_round, "raised": raised,
+                          "state": vars(state)}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process learner's run: records, weights, moments; the round-4 NonFiniteError."""
+    cfg = _cfg()
+    learner = TorchLearner(_model(), cfg.train)
+    records, state = _run(learner, cfg)
+    weights = {n: p.detach().clone() for n, p in learner.trainables().items()}
+    moments = learner.optimizer_state()
+    fresh = TorchLearner(_model(), cfg.train)
+    with torch.no_grad():
+        for name, p in fresh.trainables().items():
+            p.copy_(weights[name])
+    fresh.load_optimizer_state(moments, learner.applied_steps())
+    next_round = _run(fresh, cfg, rounds=[ROUNDS + 1])[0]
+    with pytest.raises(NonFiniteError, match="max_nonfinite_steps=2"):
+        train_round(learner, _loss_fn(learner.module, 4), _rows(4), _cfg(2, 2).train, state, epoch=0, round_index=4)
+    return {"records": records, "weights": weights, "moments": moments, "applied": learner.applied_steps(),
+            "next_round": next_round, "state": vars(state)}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    """DeepSpeed learners: ZeRO 0, 2, 3 on one rank; ZeRO 2 and 3 on two ranks (spawned, gloo)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    out = {}
+    for world, stages in ((1, [0, 2, 3]), (2, [2, 3])):
+        path = tmp_path_factory.mktemp(f"ds{world}") / "results.pt"
+        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(path), stages), nprocs=world, join=True)
+        out[world] = torch.load(path, weights_only=False)  # our own file, written by the test's workers
+    return out
+
+
+def test_round_semantics_in_process(reference) -> None:
+    """Hand-checkable counts: dropped micro-batches, skipped steps and the non-finite streak."""
+    records = reference["records"]
+    per_round = [[s for s in records if s["round"] == r] for r in range(ROUNDS)]
+    assert [len(steps) for steps in per_round] == [3, 3, 3, 3]  # 7 micro-batches in steps of 3, 3, 1
+    assert [s["num_transitions"] for s in per_round[0]] == [18, 18, 4]
+    assert not any(s["skipped"] or s["dropped_microbatches"] for s in per_round[0])
+    # round 1: row 7's micro-batch is dropped, its step goes on with the other two
+    assert sum(s["dropped_microbatches"] for s in per_round[1]) == 1
+    assert not any(s["skipped"] for s in per_round[1])
+    # round 2: rows 18..39 fill the last 4 micro-batches: step 2 dropped whole (skipped), step 3 too
+    assert [s["skipped"] for s in per_round[2]] == [False, True, True]
+    assert [s["dropped_microbatches"] for s in per_round[2]] == [0, 3, 1]
+    # round 3: an inf gradient (finite loss) skips the first step, and drops nothing
+    assert [s["skipped"] for s in per_round[3]] == [True, False, False]
+    assert not any(s["dropped_microbatches"] for s in per_round[3])
+    assert all(torch.isfinite(w).all() for w in reference["weights"].values())
+    assert reference["applied"] == 12 - 3  # 12 steps, 3 skipped: no update, no moment, no schedule step
+    assert reference["state"]["nonfinite_in_a_row"] == 2  # round 4 raised at its 2nd non-finite step
+
+
+@pytest.mark.parametrize(("world", "stage"), [(1, 0), (1, 2), (1, 3), (2, 2), (2, 3)])
+def test_deepspeed_learner_matches_the_in_process_learner(reference, deepspeed_runs, world, stage) -> None:
+    got = deepspeed_runs[world][stage]
+    want = reference
+    assert len(got["records"]) == len(want["records"])
+    for a, b in zip(got["records"], want["records"], strict=True):
+        for key in ("step", "round", "skipped", "dropped_microbatches", "num_transitions"):
+            assert a[key] == b[key], (key, a, b)
+        for key in ("loss", "grad_norm", "lr", "ratio_win"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7, nan_ok=True), (key, a, b)
+    assert got["applied"] == want["applied"]
+    for name, value in want["weights"].items():
+        torch.testing.assert_close(got["weights"][name], value, rtol=1e-5, atol=1e-6)
+    assert got["moments"].keys() == want["moments"].keys()
+    for name, value in want["moments"].items():
+        torch.testing.assert_close(got["moments"][name], value, rtol=1e-4, atol=1e-9)
+    # a checkpoint's moments load back exactly, and training continues as the in-process learner does
+    for name, value in got["moments"].items():
+        assert torch.equal(got["reloaded"][name], value), name
+    for a, b in zip(got["next_round"], want["next_round"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"], rel=1e-6)
+    assert got["raised"] and "max_nonfinite_steps=2" in got["raised"]
+    assert got["state"] == want["state"]
