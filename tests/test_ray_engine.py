@@ -6,7 +6,7 @@ One scenario run asserts several things (each job costs ~1-2 minutes here):
   LoRA loads into diffusers; re-submitted with one trainer worker it resumes in the same run;
 - tiny SDXL (inner steps): the same shape, 8 rounds at lag 1, and it learns (held-out seeds);
 - parity: at lag 0 with one trainer worker and 2 samplers / 2 scorers, the Ray engine's pairs,
-  losses and final weights equal the in-process engine's.
+  losses and final weights equal the in-process engine's, and a run resumes across engines.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     assert summary["gate"]["blocked_waits"] > 0
     assert summary["max_policy_lag_seen"] <= 1
     assert 1 in summary["lags"]  # sampling overlapped training
-    assert "[spo-ray] round 3/3" in proc.stdout  # the live progress line
+    assert "round 3/3 | prompts 12 |" in proc.stdout  # the live progress line (a worker's INFO log)
     # MLflow from trainer rank 0, to the default sqlite store in the run directory.
     from mlflow.tracking import MlflowClient
 
@@ -170,42 +170,79 @@ def test_sdxl_job_learns_at_lag_1(ray_cluster, tmp_path):
     assert (diff > 0).sum() >= 12
 
 
-def test_parity_with_in_process_engine_at_lag_0_through_a_resume(ray_cluster, tmp_path):
+def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "pytorch_lora_weights.safetensors")
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def _assert_same_training(got: Path, want: Path) -> None:
+    """The same pairs, steps, losses and final weights (to fp tolerance: see below)."""
+    got_summary, want_summary = read_summary(got), read_summary(want)
+    assert_accounting(got_summary)
+    for key in ("prompts", "scoring_events", "kept", "rejected", "trained", "transitions_trained", "optimizer_steps"):
+        assert got_summary["accounting"][key] == want_summary["accounting"][key], key
+    assert round_pair_ids(got) == round_pair_ids(want) and len(round_pair_ids(got)) == 4  # each round once
+    got_steps, want_steps = _records(got, "step"), _records(want, "step")
+    assert [s["step"] for s in got_steps] == [s["step"] for s in want_steps] == list(range(1, len(want_steps) + 1))
+    torch.testing.assert_close(torch.tensor(step_losses(got)), torch.tensor(step_losses(want)), atol=1e-5, rtol=1e-4)
+    got_lora, want_lora = _lora(got), _lora(want)
+    assert got_lora.keys() == want_lora.keys()
+    # Adam turns fp-level gradient differences of near-zero entries (DeepSpeed's flat fp32
+    # partitions vs per-parameter tensors, other batch shapes in the samplers) into up to
+    # lr-sized steps, so single entries may differ; each tensor as a whole agrees to 1e-3
+    # relative (and the losses above to 1e-5). tests/test_learner.py shows the learners
+    # themselves agree to 1e-5 and move optimizer state between them exactly.
+    for key in want_lora:
+        rel = (got_lora[key] - want_lora[key]).norm() / want_lora[key].norm().clamp(min=1e-12)
+        assert rel < 1e-3, (key, float(rel))
+
+
+def _mlflow_keys(run_dir: Path) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
+    return set(run.data.metrics)
+
+
+def test_parity_and_resume_across_engines_at_lag_0(ray_cluster, tmp_path):
     """At lag 0 with one trainer worker the Ray engine trains the in-process engine's pairs with its
-    losses, whatever the number of samplers and scorers; and a job stopped after 2 rounds and
-    re-submitted with the same run name resumes (weights, Adam moments, lr schedule, prompt
-    position, policy version, counters) and continues exactly."""
+    losses, whatever the number of samplers and scorers. A run started in process and resumed on
+    Ray (and the other way round) continues from the other engine's checkpoint (weights, Adam
+    moments, lr schedule, prompt position, policy version, counters) as an uninterrupted run of
+    the resuming engine does. Both engines write the same keys to metrics.jsonl and MLflow."""
     common = ["ray.max_policy_lag=0", "ray.num_trainers=1", "run.checkpoint_every_rounds=2"]
-    ray_out = tmp_path / "ray"
-    for rounds in (2, 4):
+
+    def on_ray(out: Path, rounds: int) -> str:
         proc = submit_job(
-            ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={ray_out}",
+            ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={out}",
             "ray.num_samplers=2", "ray.num_scorers=2", f"run.max_rounds={rounds}", *common,
         )
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "resuming tiny-sd15" in proc.stdout
-    ray_dir = ray_out / "tiny-sd15"
-    cfg = load_config(
-        "tiny-sd15", overrides=[f"run.output_dir={tmp_path / 'local'}", "run.progress=false", "run.max_rounds=4", *common]
-    )
-    run_in_process(cfg)
-    local_dir = tmp_path / "local" / "tiny-sd15"
+        return proc.stdout
 
-    ray_summary, local_summary = read_summary(ray_dir), json.loads((local_dir / "summary.json").read_text())
-    assert_accounting(ray_summary)
-    for key in ("prompts", "scoring_events", "kept", "rejected", "trained", "transitions_trained", "optimizer_steps"):
-        assert ray_summary["accounting"][key] == local_summary["accounting"][key], key
-    assert len(round_pair_ids(ray_dir)) == 4
-    assert round_pair_ids(ray_dir) == round_pair_ids(local_dir)  # the same pairs, round by round
-    ray_losses, local_losses = step_losses(ray_dir), step_losses(local_dir)
-    assert len(ray_losses) == len(local_losses) > 0
-    torch.testing.assert_close(torch.tensor(ray_losses), torch.tensor(local_losses), atol=1e-5, rtol=1e-4)
-    ray_lora = load_file(ray_dir / "final" / "pytorch_lora_weights.safetensors")
-    local_lora = load_file(local_dir / "final" / "pytorch_lora_weights.safetensors")
-    assert ray_lora.keys() == local_lora.keys()
-    # Adam turns fp-level gradient differences of near-zero entries (DeepSpeed's flat fp32
-    # partitions vs per-parameter tensors) into up to lr-sized steps, so single entries may
-    # differ; each tensor as a whole agrees to 1e-3 relative (and the losses above to 1e-5).
-    for key in ray_lora:
-        rel = (ray_lora[key] - local_lora[key]).norm() / local_lora[key].norm().clamp(min=1e-12)
-        assert rel < 1e-3, (key, float(rel))
+    def in_process(out: Path, rounds: int) -> None:
+        run_in_process(load_config("tiny-sd15", overrides=[
+            f"run.output_dir={out}", "run.progress=false", f"run.max_rounds={rounds}", *common]))
+
+    in_process(tmp_path / "local", 4)
+    on_ray(tmp_path / "ray", 4)
+    in_process(tmp_path / "local-then-ray", 2)
+    resumed_on_ray = on_ray(tmp_path / "local-then-ray", 4)
+    on_ray(tmp_path / "ray-then-local", 2)
+    in_process(tmp_path / "ray-then-local", 4)
+    local, ray_dir = tmp_path / "local" / "tiny-sd15", tmp_path / "ray" / "tiny-sd15"
+
+    _assert_same_training(ray_dir, local)  # parity
+    assert "(prompt-plan position 2, policy version 2, written by the in-process engine)" in resumed_on_ray
+    _assert_same_training(tmp_path / "local-then-ray" / "tiny-sd15", ray_dir)
+    _assert_same_training(tmp_path / "ray-then-local" / "tiny-sd15", local)
+    # One record of a run: the same keys from both engines, in metrics.jsonl and in MLflow.
+    for kind in ("step", "round"):
+        assert set(_records(local, kind)[0]) == set(_records(ray_dir, kind)[0]), kind
+        assert {k for r in _records(local, kind) for k in r} == {k for r in _records(ray_dir, kind) for k in r}, kind
+    assert _mlflow_keys(local) == _mlflow_keys(ray_dir)

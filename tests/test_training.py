@@ -15,11 +15,11 @@ from spo_ray import training
 from spo_ray.components import build_pool_scorer, load_model
 from spo_ray.config import load_config
 from spo_ray.diffusion import ddim_mean_std, gaussian_logprob
+from spo_ray.learner import NonFiniteError, plan_microbatches
 from spo_ray.loss import spo_loss
 from spo_ray.models import Conditioning
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.tiny import ensure_tiny_pipeline
-from spo_ray.learner import NonFiniteError, plan_microbatches
 from spo_ray.training import (
     LocalTrainer,
     conditioning_of,
