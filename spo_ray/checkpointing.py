@@ -42,7 +42,7 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and what is wrong."""
 
 

@@ -114,6 +114,11 @@ def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:
         return
     from safetensors import safe_open
 
+    from spo_ray.checkpointing import OPTIMIZER, CheckpointError, read_progress
+
+    read_progress(found)  # format and fields
+    if not (found / OPTIMIZER).is_file():
+        raise CheckpointError(f"checkpoint {found} is incomplete: {OPTIMIZER} is missing")
     path = found / "weights.safetensors"
     try:
         with safe_open(str(path), framework="pt") as f:

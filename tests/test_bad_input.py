@@ -1,4 +1,4 @@
-"""Every row of the README's bad-input table is a test: the input gets the documented outcome,
+"""Every row of the bad-input table (docs/operations.md) is a test: the input gets the documented outcome,
 with the documented message, from the preflight the Ray engine's driver runs before it asks the
 cluster for anything (or from the config loader, before that)."""
 
@@ -17,13 +17,13 @@ import torch
 from spo_ray.config import ConfigError, load_config
 from spo_ray.preflight import InputError, preflight
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 FAST = ["tracking.enabled=false", "run.progress=false"]
 
 
 def table_rows() -> dict[str, str]:
-    """bad input -> message excerpt, from the README table between its markers."""
-    text = README.read_text()
+    """bad input -> message excerpt, from the docs table between its markers."""
+    text = TABLE_DOC.read_text()
     block = text.split("<!-- bad-input-table -->")[1].split("<!-- /bad-input-table -->")[0]
     rows = {}
     for line in block.strip().splitlines()[2:]:
@@ -49,9 +49,9 @@ def copy_tiny_pipeline(tmp_path: Path) -> Path:
 
 
 def write_resume_checkpoint(cfg, weights: dict[str, torch.Tensor]) -> Path:
-    from spo_ray.checkpointing import save_checkpoint
+    from spo_ray.checkpointing import RunProgress, save_checkpoint
 
-    return save_checkpoint(cfg.run_dir, position=1, state={"policy_version": 1}, weights=weights, optimizer=None, keep=1)
+    return save_checkpoint(cfg.run_dir, RunProgress(position=1, policy_version=1), weights=weights, optimizer={}, keep=1)
 
 
 def lora_weights(rank: int) -> dict[str, torch.Tensor]:
