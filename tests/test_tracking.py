@@ -177,7 +177,7 @@ def test_run_is_tracked(server, tracked, tmp_path) -> None:
     checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert checkpoints == {"checkpoints/round-0000001", "checkpoints/round-0000002"}
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints/round-0000002")}
-    assert {"weights.safetensors", "state.json", "optimizer.pt"} <= files
+    assert {"weights.safetensors", "state.json", "optimizer.safetensors"} <= files
     assert {a.path for a in client.list_artifacts(run_id, "final")} == {"final/pytorch_lora_weights.safetensors"}
     assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(run_id)}
 
