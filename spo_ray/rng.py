@@ -26,7 +26,7 @@ def generator(*key: int | str) -> torch.Generator:
 
 def randn(shape: tuple[int, ...], *key: int | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise of ``shape`` keyed by ``key`` (CPU, float32 drawn, then cast)."""
-    return torch.randn(shape, generator=generator(*key), dtype=torch.float32).to(dtype)
+    return torch.randn(shape, generator=generator(*key), dtype=torch.float32, device="cpu").to(dtype)
 
 
 def randint(high: int, *key: int | str) -> int:
@@ -36,4 +36,4 @@ def randint(high: int, *key: int | str) -> int:
 
 def permutation(n: int, *key: int | str) -> torch.Tensor:
     """A uniform permutation of range(n) keyed by ``key``."""
-    return torch.randperm(n, generator=generator(*key))
+    return torch.randperm(n, generator=generator(*key), device="cpu")

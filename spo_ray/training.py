@@ -94,7 +94,8 @@ def expand_transitions(pairs: dict[str, object]) -> dict[str, object]:
     for p, length in enumerate(pairs["seg_len"].tolist()):
         rows_p += [p] * length
         rows_n += list(range(length))
-    p_idx, n_idx = torch.tensor(rows_p, dtype=torch.long), torch.tensor(rows_n, dtype=torch.long)
+    p_idx = torch.tensor(rows_p, dtype=torch.long, device=x_t.device)
+    n_idx = torch.tensor(rows_n, dtype=torch.long, device=x_t.device)
     prev = (n_idx - 1).clamp(min=0)
     first = (n_idx == 0).view(-1, *(1,) * (x_t.dim() - 1))
     out: dict[str, object] = {
@@ -236,7 +237,7 @@ def round_rows(pairs: dict[str, object]):
     return RoundRows(
         num=num_rows(transitions),
         take=lambda idx: take_rows(transitions, idx),
-        any_row=lambda: take_rows(transitions, torch.zeros(1, dtype=torch.long)),
+        any_row=lambda: take_rows(transitions, torch.zeros(1, dtype=torch.long, device="cpu")),
     )
 
 

@@ -1,7 +1,8 @@
 """The one learner: ``train_round`` means the same with the in-process TorchLearner and with the
 DeepSpeed learner at ZeRO 0, 2 and 3, on one rank and on two (gloo, spawned processes): the same
 steps, the same non-finite handling (dropped micro-batches, skipped steps, max_nonfinite_steps)
-and the same weights; optimizer state moves between them by parameter name, exactly.
+and the same weights; optimizer state moves between them by parameter name, exactly; and every
+collective's tensor is on the trainer's device (NCCL serves CUDA tensors only).
 
 A small MLP stands in for the UNet (the learner does not care what it trains), so DeepSpeed's
 real engine, ZeRO partitioning and gloo collectives run in seconds.
@@ -9,6 +10,7 @@ real engine, ZeRO partitioning and gloo collectives run in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -86,10 +88,12 @@ def _loss_fn(module: torch.nn.Module, round_index: int):
     return loss_fn
 
 
-def _run(learner, cfg, rounds=range(ROUNDS)) -> tuple[list[dict], TrainState]:
+def _run(learner, cfg, rounds=range(ROUNDS), default_device=None) -> tuple[list[dict], TrainState]:
     state, records = TrainState(), []
     for r in rounds:
-        steps = train_round(learner, _loss_fn(learner.module, r), _rows(r), cfg.train, state, epoch=0, round_index=r)
+        rows, loss_fn = _rows(r), _loss_fn(learner.module, r)
+        with torch.device(default_device) if default_device else contextlib.nullcontext():
+            steps = train_round(learner, loss_fn, rows, cfg.train, state, epoch=0, round_index=r)
         records += [s.to_dict() for s in steps]
     return records, state
 
@@ -107,7 +111,11 @@ def _worker(rank: int, world: int, port: int, out: str, stages: list[int]) -> No
     for stage in stages:
         cfg = _cfg(stage)
         learner = DeepSpeedLearner(_model(), cfg, torch.device("cpu"))
-        records, state = _run(learner, cfg)
+        # Tensors made without a device land on `meta` here, as they land on the CPU of a GPU worker
+        # whose trainer device is cuda: a control value that is not on the trainer's device makes
+        # the gloo collective fail as NCCL would. (Not at ZeRO-0: DeepSpeed's CPU-accelerator path
+        # itself makes its buffers on the default device.)
+        records, state = _run(learner, cfg, default_device="meta" if stage else None)
         with learner.gathered():
             weights = {n: p.detach().clone() for n, p in learner.trainables().items()}
         moments = learner.optimizer_state()
@@ -126,9 +134,33 @@ def _worker(rank: int, world: int, port: int, out: str, stages: list[int]) -> No
         results[stage] = {"records": records, "weights": weights, "moments": moments, "reloaded": reloaded,
                           "applied": learner.applied_steps(), "next_round": next_round, "raised": raised,
                           "state": vars(state)}
+    results["wait_for_round"] = _wait_for_a_round(rank, world)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+def _wait_for_a_round(rank: int, world: int) -> tuple[int, int, int]:
+    """The trainer's wait for a round's end (ledger status from rank 0 + pairs arrived per rank),
+    under the `meta` default device: its one collective runs on the trainer's device."""
+    from spo_ray.ray.stream import wait_for_round
+
+    class Pump:  # rank r holds 3 + r pairs of the round
+        def drain(self) -> None:
+            pass
+
+        def count(self, round_index: int) -> int:
+            return 3 + rank
+
+    kept = sum(3 + r for r in range(world))
+    polls: list[int] = []
+
+    def ledger_status() -> tuple[bool, int, int, int]:  # the round completes at the 2nd poll
+        polls.append(1)
+        return len(polls) >= 2, 10, kept, 10 - kept
+
+    with torch.device("meta"):
+        return wait_for_round(Pump(), ledger_status, 0, rank, torch.device("cpu"), poll_s=0.01)
 
 
 def _free_port() -> int:
@@ -213,3 +245,5 @@ def test_deepspeed_learner_matches_the_in_process_learner(reference, deepspeed_r
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"], rel=1e-6)
     assert got["raised"] and "max_nonfinite_steps=2" in got["raised"]
     assert got["state"] == want["state"]
+    kept = 3 if world == 1 else 7
+    assert deepspeed_runs[world]["wait_for_round"] == (10, kept, 10 - kept)

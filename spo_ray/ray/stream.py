@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -122,19 +123,19 @@ class ShardPump:
         return self.by_round.pop(round_index, [])
 
 
-def wait_for_round(pump: ShardPump, ledger, round_index: int, rank: int, device: torch.device,
-                   poll_s: float = 0.05, long_poll_s: float = 1.0) -> tuple[int, int, int]:
+def wait_for_round(pump: ShardPump, ledger_status: Callable[[], tuple[bool, int, int, int]], round_index: int,
+                   rank: int, device: torch.device, poll_s: float = 0.05) -> tuple[int, int, int]:
     """Block until every prompt of the round is scored and all its kept pairs reached the ranks;
-    returns the round's (scoring events, kept, rejected). Rank 0 long-polls the ledger until the
-    round is scored; the pairs each rank holds are counted locally every ``poll_s``. One
-    all-reduce of 5 values per poll (rank 0's ledger status + every rank's arrived count), on the
-    worker's device."""
+    returns the round's (scoring events, kept, rejected). Rank 0 calls ``ledger_status`` (a long
+    poll of the RoundLedger: complete, events, kept, rejected) until the round is scored; the pairs
+    each rank holds are counted locally every ``poll_s``. One all-reduce of 5 values per poll
+    (rank 0's ledger status + every rank's arrived count), on the worker's device."""
     last_note = time.monotonic()
     while True:
         pump.drain()
         status = [0.0, 0.0, 0.0, 0.0]
         if rank == 0:
-            complete, events, kept, rejected = ray.get(ledger.wait_status.remote(round_index, long_poll_s))
+            complete, events, kept, rejected = ledger_status()
             status = [float(complete), events, kept, rejected]
         total = all_reduce_sum([*status, pump.count(round_index)], device)
         complete, events, kept, rejected, arrived = (int(v) for v in total)

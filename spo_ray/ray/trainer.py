@@ -91,7 +91,8 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
         if rnd.index >= ctx.end:
             break
         started = time.time()
-        scored = wait_for_round(ctx.pump, ctx.ledger, rnd.index, ctx.rank, ctx.learner.device)
+        scored = wait_for_round(ctx.pump, lambda r=rnd.index: ray.get(ctx.ledger.wait_status.remote(r, 1.0)),
+                                rnd.index, ctx.rank, ctx.learner.device)
         pairs = gather_round(ctx.pump.pop(rnd.index))
         lag = policy_lag(ctx, progress, pairs, rnd)
         trained = time.time()
