@@ -48,7 +48,7 @@ class SamplingConfig:
     divert_start_step: int = 4  # steps before this index are plain single-sample DDIM steps
     pool_size: int = 4  # k candidates per branching step
     num_inner_steps: int = 0  # SDXL: single-sample steps each candidate runs before scoring
-    prompts_per_round: int = 10  # prompts per sampling batch (per sampler)
+    prompts_per_round: int = 40  # prompts per round, the whole round (split across the Ray engine's samplers)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class TrainConfig:
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 0
-    train_batch_size: int = 10  # transition pairs per micro-batch
+    train_batch_size: int = 40  # transition pairs per micro-batch, across all trainer ranks (a global number)
     grad_accum_steps: int = 1
     beta: float = 10.0
     clip_eps: float = 0.1

@@ -37,6 +37,7 @@ def preflight(cfg: SPOConfig) -> PromptSet:
     from spo_ray.tracking import TrackingError, check_reachable, resolve_tracking_uri
 
     try:
+        check_world(cfg)
         prompt_set = load_prompt_set(cfg)  # missing / empty / undecodable file
         if prompt_set.blank_lines_skipped:
             log.warning("%d blank line(s) in %s skipped", prompt_set.blank_lines_skipped, prompt_set.source)
@@ -49,6 +50,28 @@ def preflight(cfg: SPOConfig) -> PromptSet:
     except (OSError, ValueError, CheckpointLoadError, TrackingError) as err:
         raise InputError(str(err)) from err
     return prompt_set
+
+
+def check_world(cfg: SPOConfig) -> None:
+    """The round and the micro-batch are global numbers: each sampler needs prompts of every round,
+    and each trainer rank rows of every micro-batch, or it idles (and a rank without rows still
+    runs a zero-weight forward and backward to join the collectives)."""
+    problems = []
+    s, t, r = cfg.sampling, cfg.train, cfg.ray
+    if s.prompts_per_round < r.num_samplers:
+        problems.append(
+            f"sampling.prompts_per_round ({s.prompts_per_round}) is the whole round, split across "
+            f"ray.num_samplers ({r.num_samplers}): {r.num_samplers - s.prompts_per_round} sampler(s) would idle "
+            f"every round; use at most {s.prompts_per_round} samplers or raise sampling.prompts_per_round"
+        )
+    if t.train_batch_size < r.num_trainers:
+        problems.append(
+            f"train.train_batch_size ({t.train_batch_size}) is the micro-batch across all trainer ranks and must be "
+            f">= ray.num_trainers ({r.num_trainers}); use at most {t.train_batch_size} trainer workers or raise "
+            "train.train_batch_size (with train.grad_accum_steps to keep the rows per optimizer step)"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_model_files(cfg: SPOConfig) -> str:

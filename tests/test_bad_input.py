@@ -161,6 +161,10 @@ SCENARIOS: dict[str, Callable] = {
     "LoRA checkpoint that does not fit the model on resume": lora_does_not_fit,
     "corrupt resume checkpoint": corrupt_resume_checkpoint,
     "unreachable MLflow server": unreachable_mlflow,
+    "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
+    "more trainer ranks than rows per micro-batch": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "train.train_batch_size=2", "ray.num_trainers=4")),
 }
 LOGGED = {"blank lines in the prompt file", "over-long prompt"}  # handled, not refused
 

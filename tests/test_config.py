@@ -9,8 +9,8 @@ def test_paper_presets():
     sd15, sdxl = load_config("sd15"), load_config("sdxl")
     assert (sd15.train.lora_rank, sdxl.train.lora_rank) == (4, 64)
     assert (sd15.train.learning_rate, sdxl.train.learning_rate) == (6e-5, 1e-5)
-    assert (sd15.sampling.prompts_per_round, sd15.train.train_batch_size, sd15.train.grad_accum_steps) == (10, 10, 1)
-    assert (sdxl.sampling.prompts_per_round, sdxl.train.train_batch_size, sdxl.train.grad_accum_steps) == (2, 2, 2)
+    assert (sd15.sampling.prompts_per_round, sd15.train.train_batch_size, sd15.train.grad_accum_steps) == (40, 40, 1)
+    assert (sdxl.sampling.prompts_per_round, sdxl.train.train_batch_size, sdxl.train.grad_accum_steps) == (8, 8, 2)
     assert (sd15.sampling.pool_size, sd15.sampling.num_inner_steps) == (4, 0)
     assert (sdxl.sampling.pool_size, sdxl.sampling.num_inner_steps) == (2, 3)
     assert (sd15.scorer.threshold, sdxl.scorer.threshold) == (0.3, 0.4)
@@ -101,3 +101,25 @@ def test_role_threads_and_role_checks_for_every_config_kind():
         load_eval_config("eval-tiny", overrides=["ray.generator.torch_threads=0"])
     with pytest.raises(ConfigError, match=r"ray.trainer.num_gpus above 1 must be a whole number, got 1.5"):
         load_spm_config("spm-tiny", overrides=["data.train=x.parquet", "ray.trainer.num_gpus=1.5"])
+
+
+@pytest.mark.parametrize(("preset", "prompts", "rows"), [("sd15", 40, 40), ("sdxl", 8, 16)])
+@pytest.mark.parametrize(("samplers", "trainers"), [(1, 1), (4, 4), (8, 8), (3, 5)])
+def test_paper_presets_keep_the_paper_batch_whatever_the_world(preset, prompts, rows, samplers, trainers) -> None:
+    """The paper's global numbers (DESIGN.md: SD1.5 40 prompts per round and 40 rows per optimizer
+    step; SDXL 8 and 16) hold for any number of samplers and trainer ranks."""
+    from spo_ray.learner import local_rows, plan_microbatches
+    from spo_ray.preflight import check_world
+    from spo_ray.ray.stream import plan_rows
+
+    cfg = load_config(preset, overrides=[f"ray.num_samplers={samplers}", f"ray.num_trainers={trainers}"])
+    check_world(cfg)
+    names = [f"p{i}" for i in range(4000)]
+    tasks = [row for row in plan_rows(cfg, len(names), names, 0) if row["round"] == 0]
+    assert sum(len(t["prompt_ids"]) for t in tasks) == prompts
+    assert len(tasks) == samplers  # every sampler has prompts in every round
+    t = cfg.train
+    micro = plan_microbatches(10 * rows, t.train_batch_size, seed=t.seed, epoch=0, round_index=0)
+    step = micro[: t.grad_accum_steps]  # one optimizer step
+    per_rank = [sum(len(local_rows(m, r, trainers)) for m in step) for r in range(trainers)]
+    assert sum(per_rank) == rows and min(per_rank) > 0
