@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds spo_ray/
 
-from spo_ray.cli import job_main  # noqa: E402
+from spo_ray.entrypoints import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(job_main(default_preset="sd15"))
+    sys.exit(job_main("spo", "sd15"))

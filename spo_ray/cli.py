@@ -12,22 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
-from spo_ray.config import ConfigError, available_presets, load_config
-
-# One real field per config kind, so each command's help shows an override it accepts.
-OVERRIDE_EXAMPLES = {"spo": "train.learning_rate=1e-5", "eval": "sampling.num_steps=20", "spm": "train.epochs=2"}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None, kind: str = "spo") -> None:
-    """--preset, --config and dotted overrides (``kind``: spo / eval / spm presets): shared by the
-    CLI and the jobs/ entry points."""
-    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(available_presets(kind))}, or a YAML path")
-    parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
-    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {OVERRIDE_EXAMPLES[kind]}")
+from spo_ray.config import available_presets
+from spo_ray.entrypoints import add_config_arguments, run_command
+from spo_ray.run_log import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,21 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = build_parser().parse_args(argv)
     if args.command == "presets":
         print("\n".join(available_presets()))
         return 0
     if args.command == "compare":
         return compare_main(args)
-    if args.command == "train-spm":
-        from spo_ray.spm_training import run_from_args
-
-        return run_from_args(args)
-    if args.command == "evaluate":
-        from spo_ray.evaluation import run_cli
-
-        return run_cli(args)
     if args.command == "bench":
         from spo_ray.bench import BenchOptions, run_bench
 
@@ -86,28 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         ))
         print(result["markdown"], end="")
         return 0
-    try:
-        cfg = load_config(args.preset, config_file=args.config, overrides=args.overrides)
-    except ConfigError as err:
-        print(f"spo-ray: {err}", file=sys.stderr)
-        return 2
-    if args.command == "train":
-        if args.engine == "ray":
-            from spo_ray.preflight import InputError
-            from spo_ray.ray.driver import run_on_ray
-
-            try:
-                result = run_on_ray(cfg)
-            except InputError as err:
-                print(f"spo-ray: {err}", file=sys.stderr)
-                return 2
-        else:
-            from spo_ray.local_engine import run_in_process
-
-            result = run_in_process(cfg)
-        print(json.dumps(result, indent=2))
-        return 0 if not result.get("accounting_problems") else 1
-    return 2
+    kind = {"train": "spo", "evaluate": "eval", "train-spm": "spm"}[args.command]
+    return run_command(kind, args, engine=getattr(args, "engine", "ray"))
 
 
 def compare_main(args: argparse.Namespace) -> int:
@@ -127,32 +88,6 @@ def compare_main(args: argparse.Namespace) -> int:
     if result.comparison_run_id:
         print(f"comparison run: {result.comparison_run_id}")
     return 0
-
-
-def job_main(default_preset: str, argv: list[str] | None = None) -> int:
-    """Entry point of jobs/*.py: ``ray job submit -- python jobs/spo_sdxl.py --preset tiny-sdxl``.
-
-    The config is validated before this process connects to Ray, so bad input costs no cluster time.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description="SPO training on a Ray cluster")
-    add_config_arguments(parser, default_preset=default_preset)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.preset, config_file=args.config, overrides=args.overrides)
-    except ConfigError as err:
-        print(f"spo-ray: {err}", file=sys.stderr)
-        return 2
-    from spo_ray.preflight import InputError
-    from spo_ray.ray.driver import run_on_ray
-
-    try:
-        result = run_on_ray(cfg)
-    except InputError as err:  # raised before any cluster resource is requested
-        print(f"spo-ray: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0 if not result.get("accounting_problems") else 1
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ and impossible values are errors before any cluster resource). ``tuned.NAME=PATH
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import importlib
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,7 @@ from spo_ray.config import (
     layer_config,
 )
 from spo_ray.export import LORA_WEIGHT_NAME
-from spo_ray.prompts import PromptFileError, default_prompt_file, load_prompts
+from spo_ray.prompts import default_prompt_file, load_prompts
 
 # Metric key -> column name, in the paper's column order (CLIP last: not in the paper's table).
 METRICS: dict[str, str] = {
@@ -761,35 +759,3 @@ def _track(cfg: EvalConfig, stats: dict[str, dict[str, Any]], run_dir: Path, mod
     finally:
         tracker.end(status)
     return run_id
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Load, check and run; bad input is one clear message and exit status 2."""
-    from spo_ray.tracking import TrackingError
-
-    try:
-        cfg = load_eval_config(args.preset, config_file=args.config, overrides=args.overrides)
-        run_evaluation(cfg)
-    except (ConfigError, PromptFileError, EvalInputError, TrackingError) as err:
-        print(f"spo-ray evaluate: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def job_main(default_preset: str = "eval-paper", argv: list[str] | None = None) -> int:
-    """Entry point of jobs/evaluate.py (``ray job submit -- python jobs/evaluate.py --preset eval-paper``)."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description="Evaluate a base model and tuned LoRAs in the paper's format, on Ray")
-    from spo_ray.cli import add_config_arguments
-
-    add_config_arguments(parser, default_preset, kind="eval")
-    return run_cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(job_main())

@@ -14,13 +14,11 @@ renders the same whichever actor renders it.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import io
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -905,25 +903,3 @@ def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Shared by ``spo-ray train-spm`` and ``jobs/train_spm.py``: config and data errors exit 2, before Ray."""
-    try:
-        cfg = load_spm_config(args.preset, config_file=args.config, overrides=args.overrides)
-        result = run_spm_training(cfg)
-    except (ConfigError, PreferenceDataError) as err:
-        print(f"spo-ray train-spm: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def job_main(argv: list[str] | None = None, default_preset: str = "spm-sd15") -> int:
-    """Entry point of ``jobs/train_spm.py`` (``ray job submit -- python jobs/train_spm.py --preset ...``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description="train a step-aware preference model on a Ray cluster")
-    from spo_ray.cli import add_config_arguments
-
-    add_config_arguments(parser, default_preset, kind="spm")
-    return run_from_args(parser.parse_args(argv))

@@ -340,8 +340,6 @@ def build_tiny_clip(save_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     """
     from transformers import CLIPConfig, CLIPModel
 
-    from .spm import CLIP_MEAN, CLIP_STD
-
     out = Path(save_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_clip_tokenizer(out)
@@ -378,7 +376,7 @@ def build_tiny_clip(save_dir: str | os.PathLike, *, seed: int = 0) -> Path:
         from transformers import CLIPImageProcessorPil as _Proc  # no torchvision needed
     except ImportError:  # transformers 4.x
         from transformers import CLIPImageProcessor as _Proc
-    _Proc(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(str(out))
+    _Proc().save_pretrained(str(out))  # its defaults are OpenAI CLIP's mean and std, as PickScore's
     return out
 
 

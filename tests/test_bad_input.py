@@ -188,9 +188,9 @@ def test_bad_input_row(row: str, tmp_path: Path, caplog) -> None:
 def test_the_job_refuses_bad_input_before_touching_the_cluster(tmp_path: Path, capsys) -> None:
     import ray
 
-    from spo_ray.cli import job_main
+    from spo_ray.entrypoints import job_main
 
-    rc = job_main("tiny-sd15", [f"run.output_dir={tmp_path}", *FAST, f"data.prompt_file={tmp_path / 'nope.txt'}"])
+    rc = job_main("spo", "tiny-sd15", [f"run.output_dir={tmp_path}", *FAST, f"data.prompt_file={tmp_path / 'nope.txt'}"])
     assert rc == 2 and "prompt file not found" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not (tmp_path / "tiny-sd15").exists()  # nothing written, nothing lost

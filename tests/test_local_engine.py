@@ -185,16 +185,21 @@ def test_resume_is_exact(tmp_path: Path) -> None:
         torch.testing.assert_close(lora_b[key], lora_a[key], atol=1e-5, rtol=1e-5)
 
 
-def test_missing_prompt_file_fails_before_loading_models(tmp_path: Path, monkeypatch) -> None:
+def test_missing_prompt_file_fails_before_loading_models(tmp_path: Path, monkeypatch, capsys) -> None:
     import spo_ray.local_engine as local_engine
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the prompt file was checked")
 
     monkeypatch.setattr(local_engine, "load_model", no_models)
-    with pytest.raises(PromptFileError, match="/nonexistent.txt"):
-        cli.main(["train", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", "data.prompt_file=/nonexistent.txt"])
+    rc = cli.main(["train", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", "data.prompt_file=/nonexistent.txt"])
+    assert rc == 2  # one line naming the file, as every command's user errors
+    err = capsys.readouterr().err
+    assert err.startswith("spo-ray: ") and "/nonexistent.txt" in err and "Traceback" not in err
     assert not (tmp_path / "tiny-sd15").exists()
+    with pytest.raises(PromptFileError, match="/nonexistent.txt"):  # the engine's own error, for library use
+        local_engine.run_in_process(load_config("tiny-sd15", overrides=[
+            f"run.output_dir={tmp_path}", "data.prompt_file=/nonexistent.txt"]))
 
 
 def test_unknown_key_exits_2(tmp_path: Path, capsys) -> None:
