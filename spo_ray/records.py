@@ -141,3 +141,30 @@ def from_arrow(table: pa.Table) -> dict[str, Any]:
         else:
             out[name] = column.to_numpy(zero_copy_only=False)
     return to_torch(out)
+
+
+# ----------------------------------------------------------------------------- tensors by name
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, np.ndarray]]:
+    """Named CPU tensors as (dtype name, numpy array), bf16 as its 16-bit pattern: what travels
+    through Ray's object store with zero-copy reads, bit-exact in every dtype."""
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        out[name] = (dtype, (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
+    return out
+
+
+def unpack_tensors(packed: dict[str, tuple[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_tensors` (copies: Ray hands out read-only buffers)."""
+    out = {}
+    for name, (dtype, array) in packed.items():
+        t = torch.from_numpy(np.array(array))
+        out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    return out
+
+
+def packed_bytes(packed: dict[str, tuple[str, np.ndarray]]) -> int:
+    return sum(array.nbytes for _, array in packed.values())

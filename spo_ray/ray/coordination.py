@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 
 from spo_ray.config import SPOConfig
@@ -30,22 +29,29 @@ def actor_names(cfg: SPOConfig) -> dict[str, str]:
 
 @ray.remote(num_cpus=0)
 class PolicyStore:
-    """Owns the published policy weights (objects a trainer worker puts would die with it).
+    """The policy's published versions as object references: the staleness gate, reset and rollback.
 
-    Keeps at most ``keep`` versions; ``wait_newest`` is the staleness gate samplers pass before
-    each task; ``rollback`` restores the checkpoint's version on restart.
+    The weights never pass through this actor: trainer rank 0 ``ray.put``s each version into its
+    own node's object store and publishes the reference; each sampler ``ray.get``s it from there
+    (peer to peer; a node's samplers share one fetched copy). Per version this actor handles one
+    reference (~100 bytes) whatever the model. A reference's owner is the rank-0 worker, so a
+    version dies with it: a restart resets the store and rank 0 republishes the checkpoint's.
+    Keeps at most ``keep`` versions (max_policy_lag + 1).
     """
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.versions: dict[int, dict[str, np.ndarray]] = {}
+        self.versions: dict[int, tuple[list[ray.ObjectRef], float]] = {}  # version -> ([ref], published at)
         self.changed = asyncio.Condition()
         self.blocked_waits = 0
         self.wait_seconds = 0.0
+        self.published = 0
 
-    async def publish(self, version: int, weights: dict[str, np.ndarray]) -> None:
+    async def publish(self, version: int, refs: list[ray.ObjectRef], published_at: float) -> None:
+        """``refs``: a one-element list, so that Ray passes the reference, not the weights."""
         async with self.changed:
-            self.versions[version] = weights
+            self.versions[version] = (refs, published_at)
+            self.published += 1
             for old in sorted(self.versions)[: -self.keep]:
                 del self.versions[old]
             self.changed.notify_all()
@@ -56,16 +62,18 @@ class PolicyStore:
         async with self.changed:
             self.versions = {}
 
-    async def rollback(self, version: int, weights: dict[str, np.ndarray]) -> None:
+    async def rollback(self, version: int, refs: list[ray.ObjectRef], published_at: float) -> None:
         async with self.changed:
-            self.versions = {version: weights}
+            self.versions = {version: (refs, published_at)}
+            self.published += 1
             self.changed.notify_all()
 
     def newest(self) -> int:
         return max(self.versions, default=-1)
 
-    async def wait_newest(self, min_version: int, have: int) -> tuple[int, dict[str, np.ndarray] | None]:
-        """Block until a version >= min_version exists; return the newest (weights None if ``have``)."""
+    async def wait_newest(self, min_version: int, have: int) -> tuple[int, list[ray.ObjectRef] | None, float]:
+        """Block until a version >= min_version exists; return the newest as (version, [ref] or None
+        when the caller ``have``s it, its publish time)."""
         started = time.monotonic()
         async with self.changed:
             if self.newest() < min_version:
@@ -73,10 +81,12 @@ class PolicyStore:
                 await self.changed.wait_for(lambda: self.newest() >= min_version)
             self.wait_seconds += time.monotonic() - started
             version = self.newest()
-            return version, (None if version == have else self.versions[version])
+            refs, published_at = self.versions[version]
+            return version, (None if version == have else refs), published_at
 
     def stats(self) -> dict[str, float]:
-        return {"newest": self.newest(), "blocked_waits": self.blocked_waits, "wait_seconds": self.wait_seconds}
+        return {"newest": self.newest(), "blocked_waits": self.blocked_waits, "wait_seconds": self.wait_seconds,
+                "published": self.published}
 
 
 @ray.remote(num_cpus=0)

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,8 @@ class TrainerContext:
     tracker: RunTracker | None = None  # rank 0
     run_log: RunLog | None = None  # rank 0
     renderer: Any = None  # rank 0, with tracking and validation prompts
-    pending_grids: list[tuple[str, Any]] = field(default_factory=list)
+    publisher: Publisher | None = None  # rank 0
+    pending_grids: list[tuple[str, Future]] = field(default_factory=list)
     last_grid_position: int = -1
     lags: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.time)
@@ -156,6 +158,7 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
         if ctx.tracker.active:
             with contextlib.suppress(ValueError):  # absent when there are no validation prompts
                 ctx.renderer = ray.get_actor(names["renderer"])
+        ctx.publisher = Publisher(store, ctx.renderer)
     return ctx, progress
 
 
@@ -171,17 +174,51 @@ def policy_lag(ctx: TrainerContext, progress: RunProgress, pairs: dict[str, Any]
     return lag
 
 
+class Publisher:
+    """Rank 0's publishing, off the critical path: the caller snapshots the weights (a copy to host
+    memory), then one background thread puts them into this node's object store and registers
+    the reference with the PolicyStore, one version after the other. A version is visible to
+    samplers only once its ``ray.put`` is complete, so the lag gate holds exactly as before.
+
+    Cost per version: LoRA SD1.5 r4 3 MB (fp32), SDXL r64 93 MB x 4 B = 370 MB, full SDXL 5.1 GB
+    (bf16, the samplers' dtype): one device-to-host copy on the main thread (~0.15 ms / 15 ms /
+    0.2 s at ~25 GB/s), then the put and each node's one fetch in the background (network-bound:
+    ~0.03 s / 0.3 s / 4 s at 12.5 GB/s)."""
+
+    def __init__(self, store: Any, renderer: Any = None):
+        self.store, self.renderer = store, renderer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        self.last: Future | None = None
+
+    def submit(self, version: int, weights: dict[str, Any], *, rollback: bool = False, grid: bool = False) -> Future:
+        packed = records.pack_tensors(weights)
+
+        def put_and_register() -> Any:
+            refs = [ray.put(packed)]
+            ray.get((self.store.rollback if rollback else self.store.publish).remote(version, refs, time.time()))
+            return self.renderer.render.remote(refs) if grid and self.renderer is not None else None
+
+        if self.last is not None:
+            self.last.result()  # surface a failure of the previous version here, in order
+        self.last = self.pool.submit(put_and_register)
+        return self.last
+
+    def wait(self) -> None:
+        if self.last is not None:
+            self.last.result()
+
+
 def publish(ctx: TrainerContext, progress: RunProgress, *, rollback: bool = False) -> None:
-    """The current weights as ``progress.policy_version`` (collective under ZeRO-3; rank 0 sends)."""
+    """The current weights as ``progress.policy_version``: a snapshot on every rank (collective
+    under ZeRO-3), published by rank 0 in the background."""
     weights = ctx.learner.trainable_weights()
     if ctx.rank != 0:
         return
-    arrays = {k: v.float().numpy() for k, v in weights.items()}
-    ray.get((ctx.store.rollback if rollback else ctx.store.publish).remote(progress.policy_version, arrays))
     epoch_ended = progress.position % ctx.plan.rounds_per_epoch == 0
-    if ctx.renderer is not None and not rollback and epoch_ended:
-        ctx.pending_grids.append((f"epoch_{(progress.position - 1) // ctx.plan.rounds_per_epoch}",
-                                  ctx.renderer.render.remote(arrays)))
+    grid = ctx.renderer is not None and not rollback and epoch_ended
+    done = ctx.publisher.submit(progress.policy_version, weights, rollback=rollback, grid=grid)
+    if grid:
+        ctx.pending_grids.append((f"epoch_{(progress.position - 1) // ctx.plan.rounds_per_epoch}", done))
         ctx.last_grid_position = progress.position
 
 
@@ -233,11 +270,12 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
     """The last grid, the exported policy (inside the collective gather) and rank 0's summary."""
     cfg = ctx.cfg
     weights = ctx.learner.trainable_weights()  # collective under ZeRO-3: every rank calls it
-    if ctx.renderer is not None:
-        if ctx.last_grid_position != progress.position:
-            arrays = {k: v.float().numpy() for k, v in weights.items()}
-            ctx.pending_grids.append(("final", ctx.renderer.render.remote(arrays)))
-        log_ready_grids(ctx.tracker, ctx.pending_grids, wait=True)
+    if ctx.rank == 0:
+        if ctx.renderer is not None and ctx.last_grid_position != progress.position:
+            ctx.pending_grids.append(("final", ctx.publisher.submit(progress.policy_version, weights, grid=True)))
+        ctx.publisher.wait()
+        if ctx.renderer is not None:
+            log_ready_grids(ctx.tracker, ctx.pending_grids, wait=True)
     final_dir = cfg.run_dir / "final"
     with ctx.learner.gathered(everything=not cfg.train.lora):
         if ctx.rank == 0:
@@ -275,14 +313,19 @@ def _image(png: bytes) -> Any:
     return Image.open(io.BytesIO(png))
 
 
-def log_ready_grids(tracker: RunTracker, pending: list[tuple[str, Any]], wait: bool = False) -> list[tuple[str, Any]]:
-    """Log the validation grids that are rendered (all of them with ``wait``); return the rest."""
+def log_ready_grids(tracker: RunTracker, pending: list[tuple[str, Future]], wait: bool = False) -> list[tuple[str, Future]]:
+    """Log the validation grids that are rendered (all of them with ``wait``); return the rest.
+    Each entry's future is its version's publish, which returns the renderer's task."""
     still = []
-    for name, ref in pending:
-        ready, _ = ray.wait([ref], timeout=None if wait else 0)
+    for name, published in pending:
+        if not (wait or published.done()):
+            still.append((name, published))
+            continue
+        rendered = published.result()
+        ready, _ = ray.wait([rendered], timeout=None if wait else 0)
         if ready:
-            tracker.log_image(_image(ray.get(ref)), f"images/{name}.png")
+            tracker.log_image(_image(ray.get(rendered)), f"images/{name}.png")
         else:
-            still.append((name, ref))
+            still.append((name, published))
     return still
 

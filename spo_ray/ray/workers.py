@@ -26,9 +26,12 @@ from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.training import add_lora, setup_policy
 
 
-def load_policy(unet: torch.nn.Module, weights: dict[str, np.ndarray], *, source: str) -> None:
-    """Published weights (trainable parameters by name) into a sampler's or renderer's UNet."""
-    load_trainable_weights(unet, {k: torch.from_numpy(v) for k, v in weights.items()}, source=source)
+def fetch_policy(unet: torch.nn.Module, refs: list[ray.ObjectRef], *, source: str) -> int:
+    """A published version (trainable parameters by name, packed) into a sampler's or renderer's
+    UNet, fetched from the object store of the trainer rank that put it; returns the bytes."""
+    packed = ray.get(refs[0])
+    load_trainable_weights(unet, records.unpack_tensors(packed), source=source)
+    return records.packed_bytes(packed)
 
 
 class SamplerWorker:
@@ -49,10 +52,18 @@ class SamplerWorker:
         self.meter, self.telemetry = telemetry.RoleMeter("sampler"), telemetry.connect(self.cfg.run.name)
 
     def _sync_policy(self, round_index: int) -> None:
+        """Pass the staleness gate; load the newest version when it is newer than the one held."""
         min_version = max(round_index - self.cfg.ray.max_policy_lag, 0)
-        version, weights = ray.get(self.store.wait_newest.remote(min_version, self.version))
-        if weights is not None:
-            load_policy(self.model.unet, weights, source=f"policy version {version}")
+        while True:
+            version, refs, published_at = ray.get(self.store.wait_newest.remote(min_version, self.version))
+            if refs is None:
+                break
+            try:
+                nbytes = fetch_policy(self.model.unet, refs, source=f"policy version {version}")
+            except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
+                continue  # the trainer restarted: the store is reset and rank 0 republishes
+            self.meter.add(policy_fetches=1, policy_bytes_in=nbytes, publish_to_usable_s=time.time() - published_at)
+            break
         self.version = version
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -146,8 +157,9 @@ class ValidationRenderer:
         self.prompts, self.seeds = prompts, seeds
         self.base_images = None
 
-    def render(self, weights: dict[str, np.ndarray]) -> bytes:
-        load_policy(self.model.unet, weights, source="the published policy")
+    def render(self, refs: list[ray.ObjectRef]) -> bytes:
+        """The grid for the policy version ``refs`` holds (a one-element list: Ray passes the reference)."""
+        fetch_policy(self.model.unet, refs, source="the published policy")
         grid, self.base_images = render_validation_grid(
             self.model, self.frozen_copy, self.prompts, self.seeds, self.cfg.sampling, base_images=self.base_images
         )
