@@ -6,6 +6,7 @@
         state.json              RunProgress: prompt-plan position, policy version, step counters,
                                 applied optimizer steps (Adam's step, the lr schedule), accounting,
                                 the MLflow run id, the writing engine, the format version
+        manifest.json           bytes and sha256 of each file (MLflow records it, not the files)
 
 Written to a temporary folder, then renamed; the last ``keep`` are kept. Tensors are keyed by
 parameter name and whole (not partitioned), so a checkpoint of the in-process engine resumes on
@@ -21,6 +22,7 @@ cluster-scale notes in docs/ray-engine.md for the sharded write that replaces it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ FORMAT = 2
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -77,6 +80,25 @@ class RunProgress:
             raise CheckpointError(f"checkpoint {source}: state.json is incomplete or has unknown fields ({err})") from err
 
 
+def manifest_of(directory: Path) -> dict[str, Any]:
+    """Bytes and sha256 of every file of a checkpoint (what MLflow records instead of the files)."""
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"format": FORMAT, "files": files}
+
+
+def upload_due(cfg: Any, position: int) -> bool:
+    """Whether the checkpoint at ``position`` is the N-th one whose files MLflow gets
+    (``tracking.upload_checkpoints_every``; 0: none)."""
+    every, interval = cfg.tracking.upload_checkpoints_every, cfg.run.checkpoint_every_rounds
+    return bool(every and interval and position % interval == 0 and (position // interval) % every == 0)
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -99,6 +121,7 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
     save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()}, str(tmp / OPTIMIZER))
     (tmp / STATE).write_text(json.dumps(progress.to_dict(), indent=2, sort_keys=True))
+    (tmp / MANIFEST).write_text(json.dumps(manifest_of(tmp), indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -151,7 +151,9 @@ class TrackingConfig:
     log_pair_images_every: int = 0  # rounds; 0 = never
     validation_prompts: list[str] = field(default_factory=list)  # empty = the first 4 prompts of the set
     register_model: str | None = None  # a registered model name: the final LoRA becomes a new version
-    log_checkpoints: bool = True  # upload each checkpoint directory as run artifacts
+    # Every checkpoint's path and file hashes are logged (a small JSON); its files are uploaded only
+    # every N-th checkpoint (0 = never): a full SDXL checkpoint is ~31 GB.
+    upload_checkpoints_every: int = 0
     system_metrics: bool = True  # MLflow's system/* metrics (CPU, memory, disk, network, GPU)
 
 
@@ -404,6 +406,8 @@ def validate_config(cfg: SPOConfig) -> None:
         (r.max_policy_lag >= 0, f"ray.max_policy_lag must be >= 0, got {r.max_policy_lag}"),
         (r.zero_stage in (0, 1, 2, 3), f"ray.zero_stage must be 0, 1, 2 or 3, got {r.zero_stage}"),
         (r.max_failures >= 0, f"ray.max_failures must be >= 0, got {r.max_failures}"),
+        (cfg.tracking.upload_checkpoints_every >= 0,
+         f"tracking.upload_checkpoints_every must be >= 0, got {cfg.tracking.upload_checkpoints_every}"),
         (cfg.run.checkpoint_every_rounds >= 0, f"run.checkpoint_every_rounds must be >= 0, got {cfg.run.checkpoint_every_rounds}"),
         (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
         (cfg.run.max_rounds is None or cfg.run.max_rounds >= 1, f"run.max_rounds must be >= 1 or null, got {cfg.run.max_rounds}"),

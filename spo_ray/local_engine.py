@@ -28,6 +28,7 @@ from spo_ray.checkpointing import (
     read_progress,
     save_checkpoint,
     trainable_state,
+    upload_due,
 )
 from spo_ray.components import (
     apply_fast_path,
@@ -58,7 +59,7 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     device = resolve_device(cfg)
     resumed = latest_checkpoint(cfg.run_dir)
     # The tracking server is checked (and the MLflow run started or continued) before any model loads.
-    tracker = RunTracker(cfg, engine="in-process")
+    tracker = RunTracker(cfg, engine="in-process", background=True)
     tracker.start(resume_run_id=read_progress(resumed).mlflow_run_id if resumed else None)
     try:
         result = _run(cfg, tracker, prompt_set, device, resumed, started)
@@ -101,8 +102,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         progress.applied_steps = learner.applied_steps()
         path = save_checkpoint(run_dir, progress, weights=trainable_state(model.unet),
                                optimizer=learner.optimizer_state(), keep=cfg.run.keep_checkpoints)
-        if cfg.tracking.log_checkpoints:
-            tracker.log_artifact(path, f"checkpoints/{path.name}")
+        tracker.log_checkpoint(path, upload=upload_due(cfg, progress.position))
         return path
 
     # Validation images: fixed prompts and seeds, the base model's row computed once.

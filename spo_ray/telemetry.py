@@ -152,6 +152,19 @@ class TelemetrySink:
     def all(self) -> dict[str, dict[str, dict[str, Any]]]:
         return self.snapshots
 
+    def busy_fractions(self) -> dict[str, float]:
+        """Per role, busy seconds over the metered span per actor, from running totals: no
+        history is reread, so a call costs O(actors) whatever the run's length."""
+        out = {}
+        for role, actors in self.snapshots.items():
+            spans = [(s["first_start"], s["last_end"]) for s in actors.values() if s.get("first_start")]
+            if not spans:
+                continue
+            span = max(end for _, end in spans) - min(start for start, _ in spans)
+            busy = sum(s.get("busy_seconds", 0.0) for s in actors.values())
+            out[role] = busy / max(span * len(actors), 1e-9)
+        return out
+
 
 def start_sink(run_name: str):
     """Create the run's sink (a previous attempt's is replaced); returns its handle."""
@@ -187,22 +200,6 @@ def report(sink, meter: RoleMeter, *, wait: bool = False) -> None:
         import ray
 
         ray.get(ref)
-
-
-def metered_train_loop(train_loop, run_name: str):
-    """Wrap a Ray Train loop so each worker reports its trainer snapshot (peak memory) on exit;
-    busy time and optimizer steps come from the trainer's own round records."""
-
-    def loop(config: dict[str, Any]) -> None:
-        import ray.train
-
-        meter = RoleMeter("trainer", actor=f"rank{ray.train.get_context().get_world_rank()}")
-        try:
-            train_loop(config)
-        finally:
-            report(connect(run_name), meter, wait=True)
-
-    return loop
 
 
 def collect(run_name: str) -> dict[str, Any]:

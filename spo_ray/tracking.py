@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 class RunTracker:
     """One MLflow run of a training job; every method is a no-op when tracking is disabled."""
 
-    def __init__(self, cfg: SPOConfig, *, engine: str):
+    def __init__(self, cfg: SPOConfig, *, engine: str, background: bool = False):
         self.cfg = cfg
         self.engine = engine
         self.enabled = bool(cfg.tracking.enabled)
@@ -170,6 +171,9 @@ class RunTracker:
         self._monitor: Any = None
         self._ended = False
         self._end_called = False
+        # With ``background``, logging calls run in one thread, in order, off the training loop:
+        # a slow server or a large image costs the loop nothing (``end`` waits for them).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow") if background else None
 
     @property
     def run_id(self) -> str | None:
@@ -337,6 +341,18 @@ class RunTracker:
         self._failures = 0
         return True, result
 
+    def _submit(self, what: str, fn: Callable[[], Any]) -> None:
+        """``_call`` in the background thread when there is one, else now."""
+        if self._pool is None:
+            self._call(what, fn)
+        elif self.active:
+            self._pool.submit(self._call, what, fn)
+
+    def flush(self) -> None:
+        """Wait for every logging call submitted so far."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()
+
     def last_step(self, key: str) -> int:
         """The largest step logged for metric ``key`` (-1 when none)."""
         return self._last_step.get(metric_name(key), -1)
@@ -358,35 +374,48 @@ class RunTracker:
             batch.append(Metric(name, float(value), now, int(step)))
         if not batch:
             return
-        ok, _ = self._call("log_metrics", lambda: self.client.log_batch(self._run_id, metrics=batch))
-        if not ok:
-            return
-        for metric in batch:
+        for metric in batch:  # at submission: a failed batch is not retried either way
             self._last_step[metric.key] = metric.step
+        self._submit("log_metrics", lambda: self.client.log_batch(self._run_id, metrics=batch))
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        """A file, or a directory's contents under ``artifact_path``."""
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None, *, wait: bool = False) -> None:
+        """A file, or a directory's contents under ``artifact_path`` (``wait``: now, for files that
+        may change or go away later, such as checkpoints the run prunes)."""
         path = Path(local_path)
         if path.is_dir():
-            self._call("log_artifacts", lambda: self.client.log_artifacts(self._run_id, str(path), artifact_path))
+            what, fn = "log_artifacts", lambda: self.client.log_artifacts(self._run_id, str(path), artifact_path)
         else:
-            self._call("log_artifact", lambda: self.client.log_artifact(self._run_id, str(path), artifact_path))
+            what, fn = "log_artifact", lambda: self.client.log_artifact(self._run_id, str(path), artifact_path)
+        if wait:
+            self.flush()
+            self._call(what, fn)
+        else:
+            self._submit(what, fn)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """A PIL image or an HxWxC uint8 / float [0, 1] array, saved as ``artifact_file`` (PNG)."""
-        self._call("log_image", lambda: self.client.log_image(self._run_id, image, artifact_file=artifact_file))
+        self._submit("log_image", lambda: self.client.log_image(self._run_id, image, artifact_file=artifact_file))
 
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
-        self._call("log_dict", lambda: self.client.log_dict(self._run_id, dictionary, artifact_file))
+        self._submit("log_dict", lambda: self.client.log_dict(self._run_id, dictionary, artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._call("log_text", lambda: self.client.log_text(self._run_id, text, artifact_file))
+        self._submit("log_text", lambda: self.client.log_text(self._run_id, text, artifact_file))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
-        self._call("set_tags", lambda: self.client.log_batch(self._run_id, tags=items))
+        self._submit("set_tags", lambda: self.client.log_batch(self._run_id, tags=items))
+
+    def log_checkpoint(self, path: Path, *, upload: bool = False) -> None:
+        """A checkpoint's path and file hashes (its manifest) as ``checkpoints/<name>.json`` and the
+        ``checkpoint.latest`` tag; with ``upload`` its files too (now: the run prunes old ones)."""
+        manifest = json.loads((path / "manifest.json").read_text())
+        self.log_dict({"path": str(path), **manifest}, f"checkpoints/{path.name}.json")
+        self.set_tags({"checkpoint.latest": str(path)})
+        if upload:
+            self.log_artifact(path, f"checkpoints/{path.name}", wait=True)
 
     def register_lora(self, local_dir: str | Path, artifact_path: str = "final") -> Any:
         """Log the exported policy directory; register it when ``tracking.register_model`` is set.
@@ -394,7 +423,7 @@ class RunTracker:
         MLflow 3's ``register_model("runs:/...")`` only takes MLmodel directories or logged
         models, so the version is created from the run's artifact location directly.
         """
-        self.log_artifact(local_dir, artifact_path)
+        self.log_artifact(local_dir, artifact_path, wait=True)
         name = self.cfg.tracking.register_model
         if not name or not self.active:
             return None
@@ -423,6 +452,8 @@ class RunTracker:
         if not self.enabled or self._run_id is None or self._end_called:
             return
         self._end_called = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # what was submitted is logged before the run closes
         if self._monitor is not None:
             with contextlib.suppress(Exception):
                 self._monitor.finish()

@@ -6,6 +6,7 @@ SQLite store in the run directory that ``mlflow ui`` serves.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import signal
@@ -36,7 +37,7 @@ from spo_ray.tracking import (
 EXPERIMENT = "spo-tracking-test"
 COMMON = [  # 8 DDIM steps (6 branching segments) instead of 20 keep each round short
     "run.progress=false", "data.max_prompts=8", "sampling.num_steps=8", "sampling.divert_start_step=2", "train.epochs=2", "run.checkpoint_every_rounds=1",
-    "tracking.log_pair_images_every=1", f"tracking.experiment={EXPERIMENT}",
+    "tracking.log_pair_images_every=1", f"tracking.experiment={EXPERIMENT}", "tracking.upload_checkpoints_every=1",
 ]
 STEP_METRICS = ("loss", "ratio_win", "ratio_lose", "clip_frac", "accuracy", "score_win", "score_lose",
                 "score_margin", "lr", "grad_norm", "skipped")
@@ -175,9 +176,12 @@ def test_run_is_tracked(server, tracked, tmp_path) -> None:
         strip = _png(client, run_id, f"pairs/round_{r:07d}.png", tmp_path)
         assert strip.width >= 4 * 64 and 2 * 64 < strip.height < 2 * 64 + 60
     checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
-    assert checkpoints == {"checkpoints/round-0000001", "checkpoints/round-0000002"}
+    assert checkpoints == {f"checkpoints/round-000000{r}{ext}" for r in (1, 2) for ext in ("", ".json")}
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints/round-0000002")}
-    assert {"weights.safetensors", "state.json", "optimizer.safetensors"} <= files
+    assert {"weights.safetensors", "state.json", "optimizer.safetensors", "manifest.json"} <= files
+    manifest = json.loads(Path(client.download_artifacts(run_id, "checkpoints/round-0000002.json", str(tmp_path))).read_text())
+    assert manifest["path"].endswith("round-0000002") and len(manifest["files"]["weights.safetensors"]["sha256"]) == 64
+    assert run.data.tags["checkpoint.latest"] == manifest["path"]
     assert {a.path for a in client.list_artifacts(run_id, "final")} == {"final/pytorch_lora_weights.safetensors"}
     assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(run_id)}
 

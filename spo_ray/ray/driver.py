@@ -70,7 +70,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         return build_pair_stream(cfg, prompts, position, generation)
 
     trainer = torch_trainer(
-        telemetry.metered_train_loop(train_loop_per_worker, cfg.run.name),
+        train_loop_per_worker,
         {"cfg": cfg.to_dict(), "prompts": prompts},
         resources=cfg.ray.trainer, num_workers=cfg.ray.num_trainers, run_name=cfg.run.name, run_dir=run_dir,
         datasets={"pairs": dataset_factory}, dataset_config=make_split(),

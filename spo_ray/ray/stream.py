@@ -148,17 +148,3 @@ def wait_for_round(pump: ShardPump, ledger_status: Callable[[], tuple[bool, int,
             log.info("waiting for round %d: all prompts scored=%s, pairs arrived %d of %d kept so far",
                      round_index, bool(complete), arrived, kept)
         time.sleep(poll_s)
-
-
-def gather_round(local: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every rank's pairs of the round, on every rank."""
-    import torch.distributed as dist
-
-    mine = records.concat(local)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
-        mine = records.concat([p for p in parts if p])
-    return mine
-
-

@@ -31,6 +31,7 @@ from spo_ray.checkpointing import (
     load_checkpoint,
     load_trainable_weights,
     save_checkpoint,
+    upload_due,
 )
 from spo_ray.components import apply_fast_path, last_round, load_model, prompt_plan
 from spo_ray.config import SPOConfig, config_from_dict
@@ -40,10 +41,11 @@ from spo_ray.prompts import PromptPlan, Round
 from spo_ray.ray.common import trainer_device, worker_setup
 from spo_ray.ray.coordination import actor_names
 from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
-from spo_ray.ray.stream import ShardPump, gather_round, wait_for_round
+from spo_ray.ray.routing import RoutedRound, route_round
+from spo_ray.ray.stream import ShardPump, wait_for_round
 from spo_ray.run_log import RunLog, next_round_step, round_record
 from spo_ray.tracking import RunTracker
-from spo_ray.training import autocast_dtype, round_rows, setup_policy, spo_loss_fn
+from spo_ray.training import autocast_dtype, setup_policy, spo_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class TrainerContext:
     last_grid_position: int = -1
     lags: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    meter: telemetry.RoleMeter = field(default_factory=lambda: telemetry.RoleMeter("trainer"))
+    sink: Any = None  # the run's telemetry sink
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -83,6 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ctx.tracker is not None:
             ctx.tracker.end("FAILED")
         raise
+    finally:
+        telemetry.report(ctx.sink, ctx.meter, wait=True)  # peak memory and the totals, at exit
     if ctx.tracker is not None:
         ctx.tracker.end("FINISHED")
 
@@ -95,22 +101,29 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
         started = time.time()
         scored = wait_for_round(ctx.pump, lambda r=rnd.index: ray.get(ctx.ledger.wait_status.remote(r, 1.0)),
                                 rnd.index, ctx.rank, ctx.learner.device)
-        pairs = gather_round(ctx.pump.pop(rnd.index))
+        t = ctx.cfg.train
+        pairs = route_round(ctx.pump.pop(rnd.index), rank=ctx.rank, world=ctx.world, batch_size=t.train_batch_size,
+                            seed=t.seed, epoch=rnd.epoch, round_index=rnd.index)
+        ctx.meter.add(bytes_in=pairs.bytes_received, pairs_held=pairs.pairs_held)
         lag = policy_lag(ctx, progress, pairs, rnd)
         trained = time.time()
-        steps = train_round(ctx.learner, ctx.loss_fn, round_rows(pairs), ctx.cfg.train, progress.train,
-                            epoch=rnd.epoch, round_index=rnd.index)
+        steps = train_round(ctx.learner, ctx.loss_fn, pairs.rows, t, progress.train, epoch=rnd.epoch, round_index=rnd.index)
         time.sleep(ctx.cfg.train.test_delay_s * len(steps))  # tests slow the trainer to exercise the gate
         train_seconds = time.time() - trained
         progress.policy_version += 1
-        publish(ctx, progress)
+        with timed(ctx, "publish_seconds"):
+            publish(ctx, progress)
         account(progress, rnd, scored, pairs, steps)
         progress.position = rnd.index + 1
         if ctx.rank == 0:
-            report(ctx, progress, rnd, lag, pairs, steps, seconds=time.time() - started,
-                   wait_seconds=trained - started, train_seconds=train_seconds)
+            with timed(ctx, "report_seconds"):
+                report(ctx, progress, rnd, lag, pairs, steps, seconds=time.time() - started,
+                       wait_seconds=trained - started, train_seconds=train_seconds)
         if ctx.cfg.run.checkpoint_every_rounds and progress.position % ctx.cfg.run.checkpoint_every_rounds == 0:
-            checkpoint(ctx, progress)
+            with timed(ctx, "checkpoint_seconds"):
+                checkpoint(ctx, progress)
+        ctx.meter.add(rounds=1, train_seconds=train_seconds, wait_seconds=trained - started)
+        telemetry.report(ctx.sink, ctx.meter)  # fire and forget: running totals
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -147,11 +160,12 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
                           autocast=autocast_dtype(cfg.train, device))
     plan = prompt_plan(cfg, num_prompts)
     ctx = TrainerContext(cfg, rank, world, learner, loss_fn, pump, store, ledger, plan, last_round(cfg, plan))
+    ctx.meter.actor, ctx.sink = f"rank{rank}", telemetry.connect(cfg.run.name)
     progress.engine = "ray"
     if rank == 0:
         # MLflow from trainer rank 0 (Ray Train V2 refuses Tune logger callbacks); a restart or a
         # re-submission continues the checkpoint's MLflow run.
-        ctx.tracker = RunTracker(cfg, engine="ray")
+        ctx.tracker = RunTracker(cfg, engine="ray", background=True)
         ctx.tracker.start(resume_run_id=progress.mlflow_run_id)
         progress.mlflow_run_id = ctx.tracker.run_id
         ctx.run_log = RunLog(cfg.run_dir, ctx.tracker, resume_position=progress.position, total_rounds=ctx.end)
@@ -165,9 +179,9 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
 # ----------------------------------------------------------------------------- the stages
 
 
-def policy_lag(ctx: TrainerContext, progress: RunProgress, pairs: dict[str, Any], rnd: Round) -> int:
+def policy_lag(ctx: TrainerContext, progress: RunProgress, pairs: RoutedRound, rnd: Round) -> int:
     """How many versions behind the round's oldest pair was sampled (bounded by the store's gate)."""
-    lag = progress.policy_version - int(pairs["policy_version"].min()) if pairs and records.num_rows(pairs) else 0
+    lag = 0 if pairs.min_policy_version is None else progress.policy_version - pairs.min_policy_version
     if lag > ctx.cfg.ray.max_policy_lag:
         raise RuntimeError(f"round {rnd.index} was sampled {lag} versions behind (max {ctx.cfg.ray.max_policy_lag})")
     ctx.lags.append(lag)
@@ -222,27 +236,23 @@ def publish(ctx: TrainerContext, progress: RunProgress, *, rollback: bool = Fals
         ctx.last_grid_position = progress.position
 
 
-def account(progress: RunProgress, rnd: Round, scored: tuple[int, int, int], pairs: dict[str, Any],
+def account(progress: RunProgress, rnd: Round, scored: tuple[int, int, int], pairs: RoutedRound,
             steps: list[StepRecord]) -> None:
     events, kept, rejected = scored
-    num_pairs = records.num_rows(pairs) if pairs else 0
     progress.accounting.add(
-        prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, trained=num_pairs,
-        transitions_trained=int(pairs["seg_len"].sum()) if num_pairs else 0, optimizer_steps=len(steps),
-        skipped_steps=sum(s.skipped for s in steps),
+        prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, trained=len(pairs.pair_ids),
+        transitions_trained=pairs.transitions, optimizer_steps=len(steps), skipped_steps=sum(s.skipped for s in steps),
     )
 
 
-def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pairs: dict[str, Any],
+def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pairs: RoutedRound,
            steps: list[StepRecord], *, seconds: float, wait_seconds: float, train_seconds: float) -> None:
     """Rank 0: the round's records to metrics.jsonl, MLflow and the console; images when ready."""
-    num_pairs = records.num_rows(pairs) if pairs else 0
     record = round_record(
         round_index=rnd.index, epoch=rnd.epoch, prompts=len(rnd.prompt_ids), policy_lag=lag,
-        scores=ray.get(ctx.ledger.round_scores.remote(rnd.index)), steps=steps,
-        pair_ids=pairs["pair_id"].tolist() if num_pairs else [],
-        transitions=int(pairs["seg_len"].sum()) if num_pairs else 0, seconds=seconds, wait_seconds=wait_seconds,
-        train_seconds=train_seconds, busy=actor_busy_fractions(ctx.cfg), accounting=progress.accounting,
+        scores=ray.get(ctx.ledger.round_scores.remote(rnd.index)), steps=steps, pair_ids=pairs.pair_ids,
+        transitions=pairs.transitions, seconds=seconds, wait_seconds=wait_seconds,
+        train_seconds=train_seconds, busy=actor_busy_fractions(ctx), accounting=progress.accounting,
     )
     progress.mlflow_round_step = next_round_step(progress.train.global_step, progress.mlflow_round_step)
     ctx.run_log.steps(steps)
@@ -262,8 +272,7 @@ def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
         return
     progress.applied_steps = ctx.learner.applied_steps()
     path = save_checkpoint(ctx.cfg.run_dir, progress, weights=weights, optimizer=moments, keep=ctx.cfg.run.keep_checkpoints)
-    if ctx.tracker.active and ctx.cfg.tracking.log_checkpoints:
-        ctx.tracker.log_artifact(path, f"checkpoints/{path.name}")
+    ctx.tracker.log_checkpoint(path, upload=upload_due(ctx.cfg, progress.position))
 
 
 def finish(ctx: TrainerContext, progress: RunProgress) -> None:
@@ -298,13 +307,23 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def actor_busy_fractions(cfg: SPOConfig) -> dict[str, float]:
-    """busy/sampler and busy/scorer so far (per actor, over the run's metered window)."""
-    roles = telemetry.collect(cfg.run.name).get("roles", {})
-    return {
-        role: stats["busy_fraction"] for role, stats in roles.items()
-        if role in ("sampler", "scorer") and stats.get("busy_fraction") is not None
-    }
+@contextlib.contextmanager
+def timed(ctx: TrainerContext, counter: str):
+    """Seconds this rank spends in a stage outside training, as a telemetry counter (rank 0's are
+    the serial time every other rank waits for at the next collective)."""
+    started = time.time()
+    try:
+        yield
+    finally:
+        ctx.meter.add(**{counter: time.time() - started})
+
+
+def actor_busy_fractions(ctx: TrainerContext) -> dict[str, float]:
+    """busy/sampler and busy/scorer so far (per actor, over the run's metered span)."""
+    if ctx.sink is None:
+        return {}
+    fractions = ray.get(ctx.sink.busy_fractions.remote())
+    return {role: fractions[role] for role in ("sampler", "scorer") if role in fractions}
 
 
 def _image(png: bytes) -> Any:
