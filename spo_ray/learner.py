@@ -17,7 +17,9 @@ What every ``train.*`` setting means, in both engines:
 - A micro-batch whose loss is non-finite on any rank is *dropped*: every rank back-propagates a
   zero for it (so DeepSpeed's reduction hooks stay aligned), the step goes on with the rest.
   A step whose micro-batches were all dropped, or whose reduced gradient is non-finite, is
-  *skipped*: no weight, Adam-moment or lr-schedule change. ``max_nonfinite_steps`` counts
+  *skipped*: no weight, Adam-moment or lr-schedule change (the DeepSpeed learner makes such a
+  step's gradient non-finite on purpose, so that ZeRO's own overflow check skips it and clears its
+  partitioned buffers). ``max_nonfinite_steps`` counts
   optimizer steps in a row with a dropped micro-batch or a skipped update; reaching it raises
   :class:`NonFiniteError`. (Dropping, not skipping, is what both engines can do exactly: once a
   ZeRO-2 rank has reduced a micro-batch's gradient it cannot be taken back without DeepSpeed
@@ -39,7 +41,7 @@ alike: the messages do not grow with the model or the world).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -76,13 +78,12 @@ class Learner(Protocol):
     def trainables(self) -> dict[str, torch.nn.Parameter]: ...
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]: ...
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None: ...
-    def backward_zero(self, zero_loss: Callable[[], torch.Tensor], *, boundary: bool) -> None: ...
+    def backward_zero(self, zero_loss: Callable[[], torch.Tensor], *, boundary: bool, skip_step: bool) -> None: ...
     def step(self) -> StepOutcome: ...
-    def discard(self) -> None: ...
     def lr(self) -> float: ...
     def applied_steps(self) -> int: ...
-    def optimizer_state(self) -> dict[str, torch.Tensor]: ...
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], applied_steps: int) -> None: ...
+    def full_tensors(self, name: str) -> dict[str, torch.Tensor]: ...
+    def load_state(self, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], applied_steps: int) -> None: ...
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -109,6 +110,26 @@ def set_schedule_position(optimizer: torch.optim.Optimizer, schedule: Any, appli
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     schedule._last_lr = lrs
+
+
+def trainable_mismatch(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size]) -> str | None:
+    """What differs between the trainable parameters' names/shapes and a checkpoint's (None: it fits)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = sorted(n for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
+    details = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if names:
+            details.append(f"{label} ({len(names)}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    return "; ".join(details) or None
+
+
+def check_fits(named: Mapping[str, torch.nn.Parameter], weights: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """A checkpoint's weights fit the trainable parameters (names and whole shapes), or a ValueError listing why."""
+    shapes = {n: torch.Size(getattr(p, "ds_shape", p.shape)) for n, p in named.items()}
+    problem = trainable_mismatch(shapes, {n: w.shape for n, w in weights.items()})
+    if problem:
+        raise ValueError(f"checkpoint {source} does not fit the model (different LoRA rank/targets or base model?): {problem}")
 
 
 def named_trainables(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -138,13 +159,13 @@ class TorchLearner:
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
         loss.backward()
 
-    def backward_zero(self, zero_loss: Callable[[], torch.Tensor], *, boundary: bool) -> None:
-        pass  # one process: a zero contribution needs no backward
+    def backward_zero(self, zero_loss: Callable[[], torch.Tensor], *, boundary: bool, skip_step: bool) -> None:
+        pass  # one process: a zero contribution needs no backward, and a step without gradients is skipped
 
     def step(self) -> StepOutcome:
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads or not all(torch.isfinite(g).all() for g in grads):
-            self.discard()
+        if not grads or not all(torch.isfinite(g).all() for g in grads):  # all dropped, or non-finite
+            self.optimizer.zero_grad(set_to_none=True)
             return StepOutcome(False, float("nan"))
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -154,27 +175,29 @@ class TorchLearner:
         self._applied += 1
         return StepOutcome(True, grad_norm)
 
-    def discard(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def applied_steps(self) -> int:
         return self._applied
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, param in self.named.items():
-            state = self.optimizer.state.get(param, {})
-            for key in ADAM_STATE_KEYS:
-                if key in state:
-                    out[f"{name}.{key}"] = state[key].detach().float().cpu().clone()  # a snapshot, not a view
+    def full_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A trainable parameter's weight and Adam moments, whole, fp32, on the CPU (copies)."""
+        param = self.named[name]
+        out = {"weight": param.detach().float().cpu().clone()}
+        state = self.optimizer.state.get(param, {})
+        out.update({key: state[key].detach().float().cpu().clone() for key in ADAM_STATE_KEYS if key in state})
         return out
 
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], applied_steps: int) -> None:
+    def load_state(self, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], applied_steps: int) -> None:
+        """A checkpoint's weights and moments by parameter name, Adam's step and the lr schedule at
+        ``applied_steps``."""
+        check_fits(self.named, weights, source="to load")
+        with torch.no_grad():
+            for name, param in self.named.items():
+                param.copy_(weights[name].to(param.dtype))
         for name, param in self.named.items():
-            found = {key: tensors.get(f"{name}.{key}") for key in ADAM_STATE_KEYS}
+            found = {key: moments.get(f"{name}.{key}") for key in ADAM_STATE_KEYS}
             if any(v is None for v in found.values()):
                 continue  # never stepped (e.g. a parameter that got no gradient yet)
             self.optimizer.state[param] = {
@@ -183,6 +206,36 @@ class TorchLearner:
             }
         self._applied = applied_steps
         set_schedule_position(self.optimizer, self.schedule, applied_steps)
+
+
+def owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Each parameter to one rank, largest first to the least-loaded rank: whole tensors, about
+    1/world of the bytes per rank (a pure function of names and sizes: every rank agrees)."""
+    load = [0] * world
+    out = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        out[name] = rank
+        load[rank] += sizes[name]
+    return out
+
+
+def checkpoint_shard(learner: Learner) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """This rank's share of a checkpoint: the fp32 weights (DeepSpeed's master copy) and Adam
+    moments of the parameters it owns, whole. Collective under ZeRO: every rank visits every
+    parameter in the same order and keeps only its own, so a rank's host memory holds its share
+    plus one parameter (SDXL full fine-tuning on 64 ranks: ~0.5 GB a rank instead of 31 GB)."""
+    named = learner.trainables()
+    sizes = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in named.items()}
+    mine = owners(sizes, learner.world_size)
+    weights, moments = {}, {}
+    for name in sorted(named):
+        tensors = learner.full_tensors(name)
+        if mine[name] != learner.rank:
+            continue
+        weights[name] = tensors.pop("weight")
+        moments.update({f"{name}.{key}": value for key, value in tensors.items()})
+    return weights, moments
 
 
 # ----------------------------------------------------------------------------- planning a round
@@ -306,7 +359,8 @@ def _train_step(learner: Learner, loss_fn: LossFn, rows: RoundRows, window: list
                 # A zero through the whole graph: every trainable parameter gets an exact zero.
                 return loss * 0.0 if finite else loss_fn(rows.any_row())[0].nan_to_num() * 0.0
 
-            learner.backward_zero(zero_loss, boundary=boundary)
+            # The last micro-batch of a step whose micro-batches were all dropped: the step is skipped.
+            learner.backward_zero(zero_loss, boundary=boundary, skip_step=boundary and dropped == micro_steps)
             sums += [0.0] * (len(LOSS_STATS) + 2)
             continue
         learner.backward(loss * (n_local * world / len(global_rows) / micro_steps), boundary=boundary)
@@ -317,11 +371,7 @@ def _train_step(learner: Learner, loss_fn: LossFn, rows: RoundRows, window: list
         [totals[j * width + i] / totals[j * width + width - 1] for i in range(width - 1)]
         for j in range(micro_steps) if totals[j * width + width - 1] > 0
     ]
-    if dropped == micro_steps:
-        learner.discard()
-        outcome = StepOutcome(False, float("nan"))
-    else:
-        outcome = learner.step()
+    outcome = learner.step()
     state.global_step += 1
     if dropped or not outcome.applied:
         state.nonfinite_steps += 1

@@ -24,10 +24,8 @@ from spo_ray.checkpointing import (
     RunProgress,
     latest_checkpoint,
     load_checkpoint,
-    load_trainable_weights,
     read_progress,
     save_checkpoint,
-    trainable_state,
     upload_due,
 )
 from spo_ray.components import (
@@ -42,7 +40,7 @@ from spo_ray.components import (
 )
 from spo_ray.config import SPOConfig
 from spo_ray.export import export_policy
-from spo_ray.learner import NonFiniteError
+from spo_ray.learner import NonFiniteError, checkpoint_shard
 from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_set
 from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record
 from spo_ray.sampling import CandidatePoolSampler
@@ -89,8 +87,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     progress = RunProgress()
     if resumed is not None:
         progress, weights, moments = load_checkpoint(resumed)
-        load_trainable_weights(model.unet, weights, source=str(resumed))
-        learner.load_optimizer_state(moments, progress.applied_steps)
+        learner.load_state(weights, moments, progress.applied_steps)
         log.info("resumed from %s (written by the %s engine) at round %d, policy version %d",
                  resumed, progress.engine, progress.position, progress.policy_version)
     trainer.state = progress.train
@@ -100,8 +97,8 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
 
     def checkpoint() -> Path:
         progress.applied_steps = learner.applied_steps()
-        path = save_checkpoint(run_dir, progress, weights=trainable_state(model.unet),
-                               optimizer=learner.optimizer_state(), keep=cfg.run.keep_checkpoints)
+        weights, moments = checkpoint_shard(learner)
+        path = save_checkpoint(run_dir, progress, weights=weights, optimizer=moments, keep=cfg.run.keep_checkpoints)
         tracker.log_checkpoint(path, upload=upload_due(cfg, progress.position))
         return path
 

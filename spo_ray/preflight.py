@@ -10,15 +10,15 @@ the meta device and checkpoints are read for their key names and shapes only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spo_ray.checkpointing import latest_checkpoint, trainable_mismatch
+from spo_ray.checkpointing import latest_checkpoint
 from spo_ray.components import fit_prompts_to_tokenizer, load_prompt_set
 from spo_ray.config import SPOConfig
+from spo_ray.learner import trainable_mismatch
 from spo_ray.prompts import PromptSet
 
 log = logging.getLogger("spo_ray")
@@ -137,17 +137,17 @@ def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:
         return
     from safetensors import safe_open
 
-    from spo_ray.checkpointing import OPTIMIZER, CheckpointError, read_progress
+    from spo_ray.checkpointing import read_progress, shard_files
 
     read_progress(found)  # format and fields
-    if not (found / OPTIMIZER).is_file():
-        raise CheckpointError(f"checkpoint {found} is incomplete: {OPTIMIZER} is missing")
-    path = found / "weights.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes: Mapping[str, torch.Size] = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # a truncated or corrupt file reads as any of several errors
-        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
+    shard_files(found, "optimizer")  # listed and whole
+    shapes: dict[str, torch.Size] = {}
+    for path in shard_files(found, "weights"):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as err:  # a truncated or corrupt file reads as any of several errors
+            raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
     problem = trainable_mismatch(_meta_policy_shapes(cfg, source), shapes)
     if problem:
         raise ValueError(f"checkpoint {found} does not fit the model (different LoRA rank/targets or base model?): {problem}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spo_ray.checkpointing import RunProgress, latest_checkpoint, load_checkpoint, save_checkpoint
 from spo_ray.config import load_config
 from spo_ray.learner import (
     LOSS_STATS,
@@ -25,6 +26,7 @@ from spo_ray.learner import (
     RoundRows,
     TorchLearner,
     TrainState,
+    checkpoint_shard,
     plan_microbatches,
     train_round,
 )
@@ -41,8 +43,10 @@ def _micro(round_index: int, *which: int) -> set[int]:
 
 
 # round -> rows whose loss is NaN: one row of micro-batch 1; micro-batches 3..6 (steps 2 and 3); everything
-NAN_ROWS = {1: {min(_micro(1, 1))}, 2: _micro(2, 3, 4, 5, 6), 4: set(range(ROWS))}
-INF_GRAD_ROWS = {3: {min(_micro(3, 0))}}  # round -> a row whose backward is inf (its loss is finite)
+# (Round 2 leaves row 0 finite: it is the zero-weight forward's row, whose exact zero must not
+# turn a step of all-dropped micro-batches into an update.)
+NAN_ROWS = {1: {min(_micro(1, 1))}, 2: _micro(2, 3, 4, 5, 6) - {0}, 4: set(range(ROWS))}
+INF_GRAD_ROWS = {3: {min(_micro(3, 3))}}  # round -> a row whose backward is inf (its loss is finite)
 
 
 def _cfg(stage: int = 2, max_nonfinite_steps: int = 5):
@@ -76,7 +80,7 @@ class _InfGrad(torch.autograd.Function):
 
 def _loss_fn(module: torch.nn.Module, round_index: int):
     def loss_fn(batch):
-        out = module(batch["x"]).squeeze(-1)
+        out = module(batch["x"].to(next(module.parameters()).dtype)).squeeze(-1).float()
         rows = set(batch["row"].tolist())
         if rows & INF_GRAD_ROWS.get(round_index, set()):
             out = _InfGrad.apply(out)
@@ -116,15 +120,14 @@ def _worker(rank: int, world: int, port: int, out: str, stages: list[int]) -> No
         # the gloo collective fail as NCCL would. (Not at ZeRO-0: DeepSpeed's CPU-accelerator path
         # itself makes its buffers on the default device.)
         records, state = _run(learner, cfg, default_device="meta" if stage else None)
-        with learner.gathered():
-            weights = {n: p.detach().clone() for n, p in learner.trainables().items()}
-        moments = learner.optimizer_state()
-        # the checkpoint's moments into a fresh learner of the same stage: exact, and it trains on alike
+        # A sharded checkpoint (each rank writes the parameters it owns), read back whole, into a
+        # fresh learner as the trainer resumes: exact, and it trains on alike.
+        weights, moments = _checkpoint_roundtrip(learner, Path(out).parent / f"ckpt-{stage}", rank, world)
         model = _model()
-        model.load_state_dict(weights)  # as the trainer does: weights in before DeepSpeed builds its masters
+        model.load_state_dict(weights)  # as the trainer does: weights in before DeepSpeed starts
         resumed = DeepSpeedLearner(model, cfg, torch.device("cpu"))
-        resumed.load_optimizer_state(moments, learner.applied_steps())
-        reloaded = resumed.optimizer_state()
+        resumed.load_state(weights, moments, learner.applied_steps())
+        reloaded = _checkpoint_roundtrip(resumed, Path(out).parent / f"again-{stage}", rank, world)
         next_round = _run(resumed, cfg, rounds=[ROUNDS + 1])[0]
         try:  # round 4: every loss NaN -> 3 non-finite steps in a row, max 2
             train_round(learner, _loss_fn(learner.module, 4), _rows(4), _cfg(stage, 2).train, state, epoch=0, round_index=4)
@@ -135,9 +138,33 @@ def _worker(rank: int, world: int, port: int, out: str, stages: list[int]) -> No
                           "applied": learner.applied_steps(), "next_round": next_round, "raised": raised,
                           "state": vars(state)}
     results["wait_for_round"] = _wait_for_a_round(rank, world)
+    results["bf16_resume"] = {stage: _bf16_resume(rank, world, Path(out).parent / f"bf16-{stage}", stage)
+                              for stage in stages if stage}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+def _bf16_resume(rank: int, world: int, run_dir: Path, stage: int) -> tuple[list[float], list[float]]:
+    """Full fine-tuning in bf16 with DeepSpeed's fp32 masters: a run checkpointed after round 2 and
+    resumed trains round 5 as the uninterrupted run does, to the bit (the masters are saved)."""
+    from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
+
+    cfg = load_config("tiny-sd15", overrides=["train.train_batch_size=6", "train.grad_accum_steps=3",
+                                              "train.learning_rate=0.05", f"ray.zero_stage={stage}",
+                                              "train.mixed_precision=bf16", "train.lora=false"])
+    cpu = torch.device("cpu")
+    whole = DeepSpeedLearner(_model(), cfg, cpu)
+    uninterrupted = [s["loss"] for s in _run(whole, cfg, rounds=[0, 1, 2, 5])[0] if s["round"] == 5]
+    first = DeepSpeedLearner(_model(), cfg, cpu)
+    _run(first, cfg, rounds=[0, 1, 2])
+    weights, moments = _checkpoint_roundtrip(first, run_dir, rank, world)
+    model = _model()
+    model.load_state_dict(weights)
+    resumed = DeepSpeedLearner(model, cfg, cpu)
+    assert next(resumed.engine.module.parameters()).dtype == torch.bfloat16
+    resumed.load_state(weights, moments, first.applied_steps())
+    return uninterrupted, [s["loss"] for s in _run(resumed, cfg, rounds=[5])[0]]
 
 
 def _wait_for_a_round(rank: int, world: int) -> tuple[int, int, int]:
@@ -163,6 +190,21 @@ def _wait_for_a_round(rank: int, world: int) -> tuple[int, int, int]:
         return wait_for_round(Pump(), ledger_status, 0, rank, torch.device("cpu"), poll_s=0.01)
 
 
+def _checkpoint_roundtrip(learner, run_dir: Path, rank: int, world: int) -> tuple[dict, dict]:
+    """save_checkpoint of every rank's shard, then load_checkpoint of the whole (on every rank)."""
+    weights, moments = checkpoint_shard(learner)
+
+    def barrier() -> None:
+        learner.all_reduce_sum([0.0])
+
+    save_checkpoint(run_dir, RunProgress(position=1), weights=weights, optimizer=moments, rank=rank, world=world,
+                    barrier=barrier)
+    barrier()  # rank 0 has completed it
+    _, weights, moments = load_checkpoint(latest_checkpoint(run_dir))
+    assert len(list(latest_checkpoint(run_dir).glob("weights-*"))) == world
+    return weights, moments
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,18 +212,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
     """The in-process learner's run: records, weights, moments; the round-4 NonFiniteError."""
     cfg = _cfg()
     learner = TorchLearner(_model(), cfg.train)
     records, state = _run(learner, cfg)
-    weights = {n: p.detach().clone() for n, p in learner.trainables().items()}
-    moments = learner.optimizer_state()
+    weights, moments = _checkpoint_roundtrip(learner, tmp_path_factory.mktemp("ckpt-in-process"), 0, 1)
     fresh = TorchLearner(_model(), cfg.train)
-    with torch.no_grad():
-        for name, p in fresh.trainables().items():
-            p.copy_(weights[name])
-    fresh.load_optimizer_state(moments, learner.applied_steps())
+    fresh.load_state(weights, moments, learner.applied_steps())
     next_round = _run(fresh, cfg, rounds=[ROUNDS + 1])[0]
     with pytest.raises(NonFiniteError, match="max_nonfinite_steps=2"):
         train_round(learner, _loss_fn(learner.module, 4), _rows(4), _cfg(2, 2).train, state, epoch=0, round_index=4)
@@ -214,8 +252,9 @@ def test_round_semantics_in_process(reference) -> None:
     # round 2: rows 18..39 fill the last 4 micro-batches: step 2 dropped whole (skipped), step 3 too
     assert [s["skipped"] for s in per_round[2]] == [False, True, True]
     assert [s["dropped_microbatches"] for s in per_round[2]] == [0, 3, 1]
-    # round 3: an inf gradient (finite loss) skips the first step, and drops nothing
-    assert [s["skipped"] for s in per_round[3]] == [True, False, False]
+    # round 3: an inf gradient (finite loss) skips the second step, and drops nothing; its first
+    # step follows the skipped steps of round 2 directly (nothing of theirs may leak into it)
+    assert [s["skipped"] for s in per_round[3]] == [False, True, False]
     assert not any(s["dropped_microbatches"] for s in per_round[3])
     assert all(torch.isfinite(w).all() for w in reference["weights"].values())
     assert reference["applied"] == 12 - 3  # 12 steps, 3 skipped: no update, no moment, no schedule step
@@ -237,13 +276,18 @@ def test_deepspeed_learner_matches_the_in_process_learner(reference, deepspeed_r
         torch.testing.assert_close(got["weights"][name], value, rtol=1e-5, atol=1e-6)
     assert got["moments"].keys() == want["moments"].keys()
     for name, value in want["moments"].items():
-        torch.testing.assert_close(got["moments"][name], value, rtol=1e-4, atol=1e-9)
-    # a checkpoint's moments load back exactly, and training continues as the in-process learner does
-    for name, value in got["moments"].items():
-        assert torch.equal(got["reloaded"][name], value), name
+        torch.testing.assert_close(got["moments"][name], value, rtol=1e-4, atol=1e-8)
+    # a checkpoint loads back exactly (weights and moments), and training continues as in process
+    for saved, reloaded in zip((got["weights"], got["moments"]), got["reloaded"], strict=True):
+        assert saved.keys() == reloaded.keys()
+        for name, value in saved.items():
+            assert torch.equal(reloaded[name], value), name
     for a, b in zip(got["next_round"], want["next_round"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"], rel=1e-6)
     assert got["raised"] and "max_nonfinite_steps=2" in got["raised"]
     assert got["state"] == want["state"]
     kept = 3 if world == 1 else 7
     assert deepspeed_runs[world]["wait_for_round"] == (10, kept, 10 - kept)
+    if stage:
+        uninterrupted, resumed = deepspeed_runs[world]["bf16_resume"][stage]
+        assert len(resumed) == 3 and resumed == uninterrupted  # bit-identical

@@ -5,13 +5,15 @@ same meaning of every ``train.*`` setting as the in-process ``TorchLearner`` (se
 the caller scales each micro-batch's loss (``engine.backward(..., scale_wrt_gas=False)``), the
 accumulation boundary is set explicitly, a micro-batch dropped as non-finite back-propagates an
 exact zero on every rank, and a step is skipped when its reduced gradient is non-finite (ZeRO
-1-3 detect that themselves and skip the update; at stage 0 the learner checks the all-reduced
-``param.grad``) or when all its micro-batches were dropped (the engine is then not stepped: the
-accumulated gradient is exactly zero and the next window accumulates onto it).
+1-3 detect that themselves, skip the update and clear their partitioned buffers; at stage 0 the
+learner checks the all-reduced ``param.grad``) or when all its micro-batches were dropped (its
+last backward is made non-finite on purpose, so that the same path skips it: not stepping the
+engine would leave ZeRO-3's accumulated partitions behind for the next step).
 
-Optimizer state leaves and enters by parameter name (DeepSpeed's ``safe_get/set_full_optimizer_state``),
-whole and fp32, so checkpoints are independent of the world size and of the engine.
-Collective under ZeRO: every rank calls ``optimizer_state``/``load_optimizer_state``/``gathered``.
+Weights (DeepSpeed's fp32 masters) and optimizer state leave and enter by parameter name
+(DeepSpeed's ``safe_get/set_full_fp32_param`` / ``_optimizer_state``), whole and fp32, so
+checkpoints are independent of the world size and of the engine, and a bf16 resume is exact.
+Collective under ZeRO: every rank calls ``full_tensors``/``load_state``/``trainable_weights``/``gathered``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def deepspeed_config(
     }
 
 
+def bf16_training(train_cfg: Any, device: torch.device) -> bool:
+    """bf16 weights with fp32 masters: ``auto`` on a GPU, ``bf16`` anywhere (the CPU too, for tests)."""
+    mode = train_cfg.mixed_precision
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
 class DeepSpeedLearner:
     """A trainable module under DeepSpeed with the learner interface (one per trainer rank)."""
 
@@ -77,7 +85,7 @@ class DeepSpeedLearner:
         micro = -(-cfg.train.train_batch_size // self.world_size)  # the per-rank share of a global micro-batch
         config = deepspeed_config(
             micro_batch=micro, grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
-            bf16=device.type == "cuda" and cfg.train.mixed_precision != "fp32", zero_stage=self.zero_stage,
+            bf16=bf16_training(cfg.train, device), zero_stage=self.zero_stage,
             offload_optimizer=cfg.ray.offload_optimizer,
         )
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
@@ -99,8 +107,12 @@ class DeepSpeedLearner:
         if not boundary:
             self.engine.step()  # advances DeepSpeed's micro-step bookkeeping; no update off the boundary
 
-    def backward_zero(self, zero_loss: Callable[[], torch.Tensor], *, boundary: bool) -> None:
-        self.backward(zero_loss(), boundary=boundary)  # every rank joins the reduction hooks
+    def backward_zero(self, zero_loss: Callable[[], torch.Tensor], *, boundary: bool, skip_step: bool) -> None:
+        """Every rank joins the reduction hooks with an exact zero; for a step to skip, with a
+        non-finite one: ZeRO's overflow check then skips the update and clears its partitioned
+        gradient buffers itself (at stage 0 ``step`` sees it in ``param.grad``)."""
+        loss = zero_loss()
+        self.backward(loss * float("nan") if skip_step else loss, boundary=boundary)
 
     def step(self) -> StepOutcome:
         grad_norm = None
@@ -108,7 +120,7 @@ class DeepSpeedLearner:
             grads = [p.grad for p in self.named.values() if p.grad is not None]
             grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
             if not math.isfinite(grad_norm):
-                self.discard()
+                self.engine.zero_grad()
                 return StepOutcome(False, float("nan"))
         self.engine.step()
         if not self.engine.was_step_applied():  # ZeRO found a non-finite gradient and skipped
@@ -118,9 +130,6 @@ class DeepSpeedLearner:
             norm = self.engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         return StepOutcome(True, grad_norm)
-
-    def discard(self) -> None:
-        self.engine.zero_grad()
 
     def lr(self) -> float:
         return float(self.inner.param_groups[0]["lr"])
@@ -142,30 +151,45 @@ class DeepSpeedLearner:
             yield
 
     def trainable_weights(self) -> dict[str, torch.Tensor] | None:
-        """The trainable weights on CPU on rank 0 (None elsewhere); collective under ZeRO-3."""
+        """What samplers load, on rank 0 (None elsewhere): LoRA as its fp32 master weights, full
+        fine-tuning in the module's dtype (bf16 on GPU, what the samplers run). Collective under ZeRO."""
+        if self.cfg.lora:
+            out = {name: self._master(param) for name, param in self.named.items()}
+            return out if self.rank == 0 else None
         with self.gathered():
             if self.rank != 0:
                 return None
             return {name: p.detach().cpu().clone() for name, p in self.named.items()}
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """Adam moments per trainable parameter name, whole (not partitioned). Collective."""
+    def _master(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 master of a parameter, whole, on the CPU (collective under ZeRO)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param)
+        if value is None:  # ZeRO stage 0 in fp32: the parameter is its own master
+            value = param.detach()
+        return value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape)).clone()
+
+    def full_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A parameter's fp32 master weight and Adam moments, whole, on the CPU. Collective."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        out = {}
-        for name, param in self.named.items():
-            for key in ADAM_STATE_KEYS:
-                value = safe_get_full_optimizer_state(param, key)
-                if value is None:  # ZeRO stage 0: the torch optimizer holds per-parameter state
-                    value = self.inner.state.get(param, {}).get(key)
-                if value is not None:  # ZeRO-3 holds an empty placeholder; ds_shape is the whole shape
-                    out[f"{name}.{key}"] = value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape)).clone()
+        param = self.named[name]
+        out = {"weight": self._master(param)}
+        for key in ADAM_STATE_KEYS:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is None:  # ZeRO stage 0: the torch optimizer holds per-parameter state
+                value = self.inner.state.get(param, {}).get(key)
+            if value is not None:  # ZeRO-3 holds an empty placeholder; ds_shape is the whole shape
+                out[key] = value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape)).clone()
         return out
 
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], applied_steps: int) -> None:
-        """Inverse of :meth:`optimizer_state` (every rank calls it), with Adam's step counters and
-        the lr schedule set to ``applied_steps``."""
-        from deepspeed.utils import safe_set_full_optimizer_state
+    def load_state(self, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], applied_steps: int) -> None:
+        """A checkpoint's fp32 master weights and Adam moments (every rank calls it), with Adam's
+        step counters and the lr schedule set to ``applied_steps``. The module's weights were loaded
+        before DeepSpeed started (they are the masters in the module's dtype); setting the masters
+        here makes a bf16 resume exact too."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         # torch's Adam creates its state at the first step, and ZeRO links each parameter to its
         # fragment of that state only then: create it now (zeros) and link, so it can be filled.
@@ -182,8 +206,15 @@ class DeepSpeedLearner:
         if link is not None:
             link()
         for name, param in self.named.items():
+            if hasattr(param, "ds_id"):
+                _set_zero3_state(param, weights[name], None)
+            elif hasattr(param, "_hp_mapping"):
+                safe_set_full_fp32_param(param, weights[name].to(param.device))
+            else:
+                with torch.no_grad():
+                    param.copy_(weights[name].to(param.device, param.dtype).reshape(param.shape))
             for key in ADAM_STATE_KEYS:
-                value = tensors.get(f"{name}.{key}")
+                value = moments.get(f"{name}.{key}")
                 if value is None:
                     continue
                 if hasattr(param, "ds_id"):
@@ -198,8 +229,8 @@ class DeepSpeedLearner:
         set_schedule_position(self.inner, self.schedule, applied_steps)
 
 
-def _set_zero3_state(param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
-    """This rank's partition of a whole optimizer-state tensor under ZeRO-3.
+def _set_zero3_state(param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """This rank's partition of a whole fp32 master (``key`` None) or optimizer-state tensor under ZeRO-3.
 
     DeepSpeed's ``safe_set_full_optimizer_state`` narrows the unpadded tensor at
     ``partition size x rank``, which fails for a parameter smaller than the world's padded

@@ -36,7 +36,7 @@ from spo_ray.checkpointing import (
 from spo_ray.components import apply_fast_path, last_round, load_model, prompt_plan
 from spo_ray.config import SPOConfig, config_from_dict
 from spo_ray.export import export_policy
-from spo_ray.learner import StepRecord, train_round
+from spo_ray.learner import StepRecord, checkpoint_shard, train_round
 from spo_ray.prompts import PromptPlan, Round
 from spo_ray.ray.common import trainer_device, worker_setup
 from spo_ray.ray.coordination import actor_names
@@ -155,7 +155,7 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
                      resumed, progress.position, progress.policy_version, progress.engine)
     learner = DeepSpeedLearner(model.unet, cfg, device)
     if moments is not None:
-        learner.load_optimizer_state(moments, progress.applied_steps)
+        learner.load_state(weights, moments, progress.applied_steps)
     loss_fn = spo_loss_fn(model, learner.module, frozen_copy, cfg.train, cfg.sampling,
                           autocast=autocast_dtype(cfg.train, device))
     plan = prompt_plan(cfg, num_prompts)
@@ -265,14 +265,14 @@ def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pai
 
 
 def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
-    """Weights and whole Adam moments (collective under ZeRO), written by rank 0."""
-    weights = ctx.learner.trainable_weights()
-    moments = ctx.learner.optimizer_state()
-    if ctx.rank != 0:
-        return
+    """Every rank gathers and writes the parameters it owns (learner.checkpoint_shard); rank 0
+    completes the checkpoint and records it in MLflow."""
+    weights, moments = checkpoint_shard(ctx.learner)
     progress.applied_steps = ctx.learner.applied_steps()
-    path = save_checkpoint(ctx.cfg.run_dir, progress, weights=weights, optimizer=moments, keep=ctx.cfg.run.keep_checkpoints)
-    ctx.tracker.log_checkpoint(path, upload=upload_due(ctx.cfg, progress.position))
+    path = save_checkpoint(ctx.cfg.run_dir, progress, weights=weights, optimizer=moments, keep=ctx.cfg.run.keep_checkpoints,
+                           rank=ctx.rank, world=ctx.world, barrier=lambda: ctx.learner.all_reduce_sum([0.0]))
+    if path is not None:
+        ctx.tracker.log_checkpoint(path, upload=upload_due(ctx.cfg, progress.position))
 
 
 def finish(ctx: TrainerContext, progress: RunProgress) -> None:
