@@ -10,7 +10,8 @@ A round's kept pairs arrive at the ranks wherever ``streaming_split`` put them. 
    share; a rank with no share gets one pair for its zero-weight forward);
 3. each rank ``ray.put``s one object per destination holding exactly the pairs that rank needs
    from it, all-gathers the references (a few hundred bytes), and fetches the ones addressed to
-   it peer to peer through the object store.
+   it peer to peer through the object store; a last barrier keeps every sender's objects alive
+   until all receivers have them (references passed outside Ray are not reference-counted).
 
 So the training is exactly the gathered version's (the same micro-batches, in the same order),
 while the bytes a rank receives are its share of the round, O(round / ranks), instead of the
@@ -86,6 +87,10 @@ def route_round(local: list[dict[str, Any]], *, rank: int, world: int, batch_siz
             outgoing[dest] = ray.put(take_rows(mine, torch.tensor(idx)))
     refs = [part[rank] for r, part in enumerate(_all_gather(outgoing)) if r != rank and rank in part]
     received = ray.get(refs) if refs else []
+    # The references crossed ranks outside Ray (pickled by the all-gather), so Ray does not count
+    # them: a sender must hold its own until every receiver has fetched, or the object is freed.
+    _all_gather(None)
+    del outgoing
     own = [holder[pid][1] for pid in needs[rank] if holder[pid][0] == rank]
     held = records.concat(([take_rows(mine, torch.tensor(own))] if own else []) + received)
     held = records.sort_rows(held, "pair_id")
