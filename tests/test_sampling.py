@@ -233,3 +233,31 @@ def test_sdxl_chains_follow_ddim_steps(sdxl) -> None:
             assert torch.equal(rec["x_t"][b, s + 1], chains[b, s, rec["choice"][b, s], M - 1])
     assert rec["score_t"][0].tolist() == [timesteps[8], timesteps[12], timesteps[16], 0]
     assert torch.equal(rec["x0_hat"][:, S - 1], chains[:, S - 1, :, M - 1])
+
+
+# ----------------------------------------------------------------------------- scoring input
+
+
+class _RecordingScorer:
+    """A real (if trivial) scorer that keeps what it was given: the images and timesteps."""
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+
+    def score(self, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+        self.images.append(images.clone())
+        return images.mean(dim=(1, 2, 3)) * 100
+
+
+def test_pool_scorer_scores_the_raw_decode(sd15) -> None:
+    """The SPM gets the VAE decode before any clamp (the reference resizes it, then clamps)."""
+    from spo_ray.scoring import PoolScorer
+
+    cfg, model = sd15
+    rec = CandidatePoolSampler(model, cfg.sampling, SEED).sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    recorder = _RecordingScorer()
+    PoolScorer(model.decode, recorder, threshold=0.3, max_batch=1000)(rec)
+    seen = torch.cat(recorder.images)
+    x0 = rec["x0_hat"].reshape(-1, *rec["x0_hat"].shape[3:])
+    torch.testing.assert_close(seen, model.decode(x0, clamp=False))
+    assert seen.abs().max() > 1.0  # the tiny VAE overshoots: a clamped decode would differ
