@@ -58,6 +58,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.max_grad_norm=0", "max_grad_norm must be > 0 or null"),
         ("scorer.type=spm", "scorer.clip_dir is required"),
         ("ray.sampler.torch_threads=0", "ray.sampler.torch_threads must be >= 1 or null, got 0"),
+        ("scorer.dtype=auto", "scorer.dtype must be fp32/bf16/fp16, got 'auto'"),
     ],
 )
 def test_bad_values_are_clear_errors(override, message):
@@ -101,3 +102,23 @@ def test_role_threads_and_role_checks_for_every_config_kind():
         load_eval_config("eval-tiny", overrides=["ray.generator.torch_threads=0"])
     with pytest.raises(ConfigError, match=r"ray.trainer.num_gpus above 1 must be a whole number, got 1.5"):
         load_spm_config("spm-tiny", overrides=["data.train=x.parquet", "ray.trainer.num_gpus=1.5"])
+
+
+def test_scorer_runs_in_its_own_dtype_fp32_by_default():
+    """The SPM runs in fp32 (as the reference's) even where the diffusion model runs in bf16;
+    scorer.dtype chooses otherwise."""
+    import torch
+
+    from spo_ray.components import build_pool_scorer, load_model
+
+    cpu = torch.device("cpu")
+    spm = ["scorer.type=spm", "scorer.clip_dir=tiny", "scorer.kwargs={}", "model.dtype=bf16"]
+    for dtype, expected in ((None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        cfg = load_config("tiny-sd15", overrides=spm + ([f"scorer.dtype={dtype}"] if dtype else []))
+        assert cfg.scorer.dtype == (dtype or "fp32")
+        model = load_model(cfg, cpu, ("vae",))
+        assert model.dtype == torch.bfloat16
+        scorer = build_pool_scorer(cfg, model, cpu).scorer
+        assert {p.dtype for p in scorer.model.parameters()} == {expected}
+    for preset in ("sd15", "sdxl"):
+        assert load_config(preset).scorer.dtype == "fp32"
