@@ -261,3 +261,57 @@ def test_pool_scorer_scores_the_raw_decode(sd15) -> None:
     x0 = rec["x0_hat"].reshape(-1, *rec["x0_hat"].shape[3:])
     torch.testing.assert_close(seen, model.decode(x0, clamp=False))
     assert seen.abs().max() > 1.0  # the tiny VAE overshoots: a clamped decode would differ
+
+
+# ----------------------------------------------------------------------------- trajectory precision
+
+
+@pytest.fixture(scope="module")
+def sd15_bf16():
+    cfg = load_config("tiny-sd15", overrides=["model.dtype=bf16", "sampling.num_steps=6", "sampling.divert_start_step=2"])
+    return cfg, load_model(cfg, torch.device("cpu"))
+
+
+def test_trajectory_is_float32_under_a_bf16_model(sd15_bf16) -> None:
+    """x_t and the chains enter the log-prob: stored in float32, so (x_{t-1} - mu) / sigma recovers the
+    drawn noise even at the last step (sigma ~0.02), where bf16 rounding would move it by several percent."""
+    cfg, model = sd15_bf16
+    assert model.dtype == torch.bfloat16
+    rec = CandidatePoolSampler(model, cfg.sampling, SEED).sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    assert rec["x_t"].dtype == rec["chains"].dtype == rec["final"].dtype == torch.float32
+    assert rec["x0_hat"].dtype == rec["cond_prompt_embeds"].dtype == torch.bfloat16  # decoded / conditioning only
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    B, S, k = rec["chains"].shape[:3]
+    # The last segment branches from the chosen end of the one before: redo that segment's k*B forward.
+    prev = rec["chains"][:, S - 2, :, 0].transpose(0, 1).reshape(k * B, *model.latent_shape)
+    eps = _eps(model, cfg, prev, timesteps[-1], PROMPTS)
+    rows = rec["choice"][:, S - 2] * B + torch.arange(B)
+    x_t = rec["x_t"][:, S - 1]
+    assert torch.equal(x_t, prev[rows])
+    mean, std, _ = ddim_mean_std(model.scheduler, eps[rows], timesteps[-1], x_t, eta=cfg.sampling.eta)
+    assert 0.015 < float(std.flatten()[0]) < 0.03
+    for j in range(k):
+        z = _keyed_noise(x_t.shape[1:], 0, IDS, S - 1 + cfg.sampling.divert_start_step, j)
+        out = rec["chains"][:, S - 1, j, 0]
+        torch.testing.assert_close((out - mean) / std, z, atol=2e-3, rtol=0)
+        rounded = (out.to(torch.bfloat16).float() - mean) / std
+        assert (rounded - z).abs().max() > 2e-2  # what a bf16 trajectory would have stored
+
+
+def test_tensor_minimum_bytes_count_latents_in_float32(sd15_bf16) -> None:
+    from spo_ray import records, telemetry
+    from spo_ray.scorers import BrightnessScorer
+    from spo_ray.scoring import PoolScorer
+
+    cfg, model = sd15_bf16
+    rec = CandidatePoolSampler(model, cfg.sampling, SEED).sample(PROMPTS, IDS, epoch=0, round_index=0, policy_version=0)
+    B, S, k, M = rec["chains"].shape[:4]
+    chw = int(torch.tensor(model.latent_shape).prod())
+    cond = rec["cond_prompt_embeds"].numel()
+    expected = B * S * (1 + k * M) * chw * 4 + B * S * k * chw * 2 + cond * 2
+    out = records.to_numpy(rec)
+    assert telemetry.trajectory_min_bytes(out, 2) == expected <= telemetry.payload_bytes(out)
+    pairs, _ = PoolScorer(model.decode, BrightnessScorer(scale=5000.0), threshold=0.0)(rec)
+    assert pairs["x_t"].dtype == pairs["win"].dtype == pairs["lose"].dtype == torch.float32
+    n = len(pairs["pair_id"])
+    assert n > 0 and telemetry.pair_min_bytes(records.to_numpy(pairs), 2) == n * (1 + 2 * M) * chw * 4 + n * cond // B * 2
