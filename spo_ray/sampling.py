@@ -1,7 +1,8 @@
 """Candidate-pool sampling: one trajectory per prompt, branching into k candidates per segment.
 
 Steps with index < divert_start_step are plain DDIM steps. From there the trajectory is cut
-into segments of 1 + num_inner_steps transitions. A segment branches ONE x_t (and its ONE noise
+into segments of 1 + num_inner_steps transitions (the last as the reference plans it: see
+:func:`plan_segments`). A segment branches ONE x_t (and its ONE noise
 prediction) into k candidates, each continues num_inner_steps single-sample steps, and its
 x0_hat at the segment's end timestep is what the scorer sees (the finished image, t = 0, for
 the last segment). The trajectory then continues from a uniformly random candidate, so it never
@@ -32,11 +33,18 @@ class Segment:
 
 
 def plan_segments(num_steps: int, divert_start_step: int, num_inner_steps: int) -> list[Segment]:
-    """Segments of 1 + num_inner_steps transitions from divert_start_step; the last may be shorter."""
-    length = 1 + num_inner_steps
-    return [
-        Segment(start, min(length, num_steps - start)) for start in range(divert_start_step, num_steps, length)
-    ]
+    """The reference's step plan: segments of 1 + num_inner_steps transitions from divert_start_step.
+
+    The last segment ends with the finished image: it may be shorter, and with inner steps a lone
+    last step is folded into the segment before it (2 + num_inner_steps transitions, no branching
+    at the last step), as the reference's SDXL loop does. Without inner steps every step from
+    divert_start_step branches, the last one included, as its SD1.5 loop does.
+    """
+    starts = list(range(divert_start_step, num_steps, 1 + num_inner_steps))
+    if num_inner_steps > 0 and len(starts) > 1 and starts[-1] == num_steps - 1:
+        starts.pop()
+    ends = [*starts[1:], num_steps]
+    return [Segment(start, end - start) for start, end in zip(starts, ends, strict=True)]
 
 
 TRAJECTORY_DTYPE = torch.float32  # x_t and the candidate chains, whatever the model dtype
@@ -99,7 +107,8 @@ class CandidatePoolSampler:
             x = self._step(x, eps, step, [("noise", seed, epoch, pid, step, 0) for pid in prompt_ids])
         eps = self._eps(x, timesteps[cfg.divert_start_step], cond, neg)
 
-        num_segments, max_len = len(self.segments), 1 + cfg.num_inner_steps
+        # M: the longest segment (a folded last segment has 2 + num_inner_steps transitions)
+        num_segments, max_len = len(self.segments), max(seg.num_transitions for seg in self.segments)
         x_t = torch.zeros(batch, num_segments, *shape, dtype=TRAJECTORY_DTYPE)
         chains = torch.zeros(batch, num_segments, k, max_len, *shape, dtype=TRAJECTORY_DTYPE)
         x0_hat = torch.zeros(batch, num_segments, k, *shape, dtype=dtype)  # only decoded: the model dtype
