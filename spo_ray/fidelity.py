@@ -1,14 +1,22 @@
-"""Fidelity measurements: how much a precision setting moves SPO's decisions away from the reference's.
+"""Fidelity measurements: how far a setting or a past preprocessing moves SPO from the reference's.
 
-``scorer_dtype_flips`` samples candidate pools once, decodes them once (raw, as the scorer sees them),
-scores the same images with the step-aware preference model in fp32 (the reference's precision) and in a
-lower one, and counts the scoring events whose keep decision flips or whose kept pair changes. The SPM is
-the tiny random CLIP (``logit_scale`` = ln 100, as PickScore) with seeded non-zero adaLN modulation, so the
-timestep matters as in a trained SPM. Results are for random weights: they size the effect of the dtype, not
-the released SPM's flip rate (that needs its weights). docs/fidelity.md records the figures.
+``python -m spo_ray.fidelity <what>`` (docs/fidelity.md records the figures and the commands):
 
-    python -m spo_ray.fidelity --size tiny --prompts 64
-    python -m spo_ray.fidelity --size bench --prompts 16
+- ``spm-inputs``: the SPM's pixel inputs made the reference's way (raw decode, bicubic resize without
+  antialias, then clamp) against the way this project made them before (clamped decode, antialiased
+  resize), on random images with a natural 1/f spectrum, as a relative L2 distance.
+- ``trajectory-bf16``: how much storing the trajectory latents in bf16 would move the log-prob's
+  standardised residual (x_{t-1} - mu) / sigma at each step, on tiny-model trajectories.
+- ``scorer-dtype``: candidate pools sampled once, decoded once (raw, as the scorer sees them) and scored
+  by the step-aware preference model in fp32 (the reference's precision) and in bf16 / fp16; counts the
+  scoring events whose keep decision flips or whose kept pair changes. The SPM is the tiny random CLIP
+  (``logit_scale`` = ln 100, as PickScore) with seeded non-zero adaLN modulation, so t matters as in a
+  trained SPM. Random weights size the effect of the dtype, not the released SPM's flip rate.
+
+    python -m spo_ray.fidelity spm-inputs
+    python -m spo_ray.fidelity trajectory-bf16 --prompts 8
+    python -m spo_ray.fidelity scorer-dtype --size tiny --prompts 64
+    python -m spo_ray.fidelity scorer-dtype --size bench --prompts 16
 """
 
 from __future__ import annotations
@@ -62,6 +70,90 @@ def sample_pools(size: str, num_prompts: int, *, seed: int = 42, overrides: list
         ids = list(range(lo, min(lo + per, num_prompts)))
         batches.append(sampler.sample([prompts[i] for i in ids], ids, epoch=0, round_index=lo // per, policy_version=0))
     return cfg, model, rec_mod.concat(batches)
+
+
+def natural_images(n: int, h: int, w: int, *, seed: int = 0, amplitude: float = 0.5) -> torch.Tensor:
+    """Random images ``[n, 3, h, w]`` with a natural 1/f amplitude spectrum and std ``amplitude``
+    (0.5: ~5 % of the pixels beyond [-1, 1], as a raw VAE decode has)."""
+    gen = torch.Generator().manual_seed(seed)
+    fy, fx = torch.fft.fftfreq(h).view(-1, 1), torch.fft.rfftfreq(w).view(1, -1)
+    f = (fx**2 + fy**2).sqrt().clamp(min=1.0 / max(h, w))
+    shape = (n, 3, h, w // 2 + 1)
+    spectrum = torch.complex(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) / f
+    img = torch.fft.irfft2(spectrum, s=(h, w))
+    img = img - img.mean(dim=(-2, -1), keepdim=True)
+    return img / img.std(dim=(-2, -1), keepdim=True) * amplitude
+
+
+def previous_spm_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """The SPM input as this project made it before: the decode clamped to [-1, 1], mapped to [0, 1],
+    resized with antialiasing, clamped, centre-cropped, normalised (kept only to measure the change)."""
+    import torch.nn.functional as F
+
+    from spo_ray.spm import CLIP_MEAN, CLIP_STD
+
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    x = x[..., top : top + size, left : left + size]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def spm_input_difference(sizes: tuple[int, ...] = (512, 1024), n: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Relative L2 distance ||new - previous|| / ||new|| of the SPM's pixel inputs, per image size, and
+    the share of it due to the antialiasing alone (both clamped first)."""
+    from spo_ray.spm import preprocess_images
+
+    out: dict[str, Any] = {"images": n, "amplitude": 0.5, "spectrum": "1/f"}
+    for side in sizes:
+        images = natural_images(n, side, side, seed=seed + side)
+        new = preprocess_images(images)
+        previous = previous_spm_preprocess(images)
+        clamped = preprocess_images(images.clamp(-1, 1))
+        out[str(side)] = {
+            "outside_unit_range": float((images.abs() > 1).float().mean()),
+            "relative_l2": float((new - previous).norm() / new.norm()),
+            "relative_l2_antialias_only": float((clamped - previous).norm() / clamped.norm()),
+        }
+    return out
+
+
+@torch.no_grad()
+def trajectory_bf16_residual(num_prompts: int = 8, *, seed: int = 42, last: int = 4) -> dict[str, Any]:
+    """Per step, the RMS change of (x_{t-1} - mu) / sigma if x_t and x_{t-1} were stored in bf16, against
+    the RMS of that residual itself (~1, the drawn noise). mu moves with x_t by sqrt(a_prev / a_t)
+    (the noise prediction is held fixed: the UNet sees a bf16 input either way)."""
+    from spo_ray.diffusion import _alphas, ddim_mean_std
+
+    cfg, model, records = sample_pools("tiny", num_prompts, seed=seed)
+    x_t, chains = records["x_t"], records["chains"][:, :, :, 0]  # [B, S, ...], [B, S, k, ...]
+    steps = records["seg_start"][0].tolist()
+    scheduler = model.scheduler
+    out: dict[str, Any] = {"prompts": num_prompts, "steps": {}}
+    for s, step in list(enumerate(steps))[-last:]:
+        t = int(scheduler.timesteps[step])
+        a_t, a_prev = _alphas(scheduler, t, 1)
+        _, std, _ = ddim_mean_std(scheduler, torch.zeros(1, 1), t, torch.zeros(1, 1), eta=cfg.sampling.eta)
+        sigma = float(std.flatten()[0])
+        start = x_t[:, s].unsqueeze(1)
+        d_out = chains[:, s].to(torch.bfloat16).float() - chains[:, s]
+        d_in = start.to(torch.bfloat16).float() - start
+        shift = float((a_prev / a_t).sqrt())
+        dz = (d_out - shift * d_in) / sigma
+        rms, change = float(chains[:, s].pow(2).mean().sqrt()), float(dz.pow(2).mean().sqrt())
+        out["steps"][t] = {
+            "sigma": sigma, "latent_rms": rms, "residual_change_rms": change,
+            "residual_change_max": float(dz.abs().max()),
+            # bf16's rounding is relative: scaled to latents of RMS 1 (SD's scaled latents; the tiny
+            # random model's are far larger)
+            "residual_change_rms_at_unit_latents": change / rms,
+        }
+    return out
 
 
 @torch.no_grad()
@@ -124,17 +216,27 @@ def scorer_dtype_flips(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="SPM fp32 vs bf16/fp16: keep decisions that flip on the same pools")
-    parser.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="tiny/bench SD1.5 of spo_ray.tiny")
-    parser.add_argument("--prompts", type=int, default=64, help="demo prompts (at most 64)")
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
-    parser.add_argument("--threshold", type=float, default=0.3, help="the pair threshold (SD1.5: 0.3)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides for the sampling (tiny-sd15 preset)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("spm-inputs", help="the SPM's inputs: the reference's preprocessing against the previous one")
+    traj = sub.add_parser("trajectory-bf16", help="bf16 trajectory storage against the log-prob's residual")
+    traj.add_argument("--prompts", type=int, default=8)
+    dtype = sub.add_parser("scorer-dtype", help="SPM fp32 vs bf16/fp16: keep decisions that flip on the same pools")
+    dtype.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="tiny/bench SD1.5 of spo_ray.tiny")
+    dtype.add_argument("--prompts", type=int, default=64, help="demo prompts (at most 64)")
+    dtype.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
+    dtype.add_argument("--threshold", type=float, default=0.3, help="the pair threshold (SD1.5: 0.3)")
+    dtype.add_argument("--seed", type=int, default=42)
+    dtype.add_argument("overrides", nargs="*", help="dotted config overrides for the sampling (tiny-sd15 preset)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = scorer_dtype_flips(args.size, args.prompts, dtypes=tuple(args.dtypes), threshold=args.threshold,
-                                seed=args.seed, overrides=args.overrides)
+    if args.what == "spm-inputs":
+        result = spm_input_difference()
+    elif args.what == "trajectory-bf16":
+        result = trajectory_bf16_residual(args.prompts)
+    else:
+        result = scorer_dtype_flips(args.size, args.prompts, dtypes=tuple(args.dtypes), threshold=args.threshold,
+                                    seed=args.seed, overrides=args.overrides)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from spo_ray.fidelity import natural_images
 from spo_ray.spm import (
     CLIP_MEAN,
     CLIP_STD,
@@ -362,19 +363,6 @@ def test_preprocess_non_square_short_side_resize_and_centre_crop() -> None:
     torch.testing.assert_close(preprocess_images(band), _norm(torch.ones(1, 3, 224, 224)))
 
 
-def _natural_images(n: int, h: int, w: int, seed: int = 0, amplitude: float = 0.5) -> torch.Tensor:
-    """Random images with a natural 1/f amplitude spectrum, std ``amplitude`` (0.5: ~5 % of the
-    pixels beyond [-1, 1], as a raw VAE decode has)."""
-    g = torch.Generator().manual_seed(seed)
-    fy, fx = torch.fft.fftfreq(h).view(-1, 1), torch.fft.rfftfreq(w).view(1, -1)
-    f = (fx**2 + fy**2).sqrt().clamp(min=1.0 / max(h, w))
-    shape = (n, 3, h, w // 2 + 1)
-    spectrum = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) / f
-    img = torch.fft.irfft2(spectrum, s=(h, w))
-    img = img - img.mean(dim=(-2, -1), keepdim=True)
-    return img / img.std(dim=(-2, -1), keepdim=True) * amplitude
-
-
 def _reference_preference_preprocess(images: torch.Tensor, img_size: int = 224) -> torch.Tensor:
     """A transcription of the SPO reference's ``StepAwarePreferenceModel.get_preference_score`` up to the
     SPM call: resize the raw decode, centre-crop (torchvision's ``CenterCrop`` rounding) only when the
@@ -393,7 +381,7 @@ def _reference_preference_preprocess(images: torch.Tensor, img_size: int = 224) 
 
 @pytest.mark.parametrize("h, w", [(512, 512), (1024, 1024), (512, 768), (1024, 768)])
 def test_preprocess_equals_the_reference_on_raw_decodes(h: int, w: int) -> None:
-    images = _natural_images(2, h, w, seed=h + w)
+    images = natural_images(2, h, w, seed=h + w)
     assert (images.abs() > 1).float().mean() > 0.01  # values outside [-1, 1] are part of the check
     out = preprocess_images(images)
     expected = _reference_preference_preprocess(images)
