@@ -33,11 +33,16 @@ def resolve_device(cfg: SPOConfig) -> torch.device:
 
 
 def resolve_dtype(cfg: SPOConfig, device: torch.device) -> torch.dtype:
-    """Weights' dtype for frozen parts: bf16 on GPU by default (a documented deviation from the
-    reference's fp16), fp32 on CPU."""
+    """The diffusion model's dtype (UNet, VAE, text encoders): bf16 on GPU by default (a documented
+    deviation from the reference's fp16), fp32 on CPU. Not the scorer's: see :func:`scorer_dtype`."""
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[cfg.model.dtype]
+
+
+def scorer_dtype(cfg: SPOConfig) -> torch.dtype:
+    """The preference model's dtype, on every device: fp32 by default, as the reference ran its SPM."""
+    return DTYPES[cfg.scorer.dtype]
 
 
 def load_model(cfg: SPOConfig, device: torch.device, components: tuple[str, ...] = ("unet", "vae", "text")) -> DiffusionModel:
@@ -144,7 +149,7 @@ def build_pool_scorer(cfg: SPOConfig, model: DiffusionModel, device: torch.devic
         clip_dir=cfg.scorer.clip_dir,
         checkpoint=cfg.scorer.checkpoint,
         device=device,
-        dtype=resolve_dtype(cfg, device),
+        dtype=scorer_dtype(cfg),
         **cfg.scorer.kwargs,
     )
     return PoolScorer(model.decode, scorer, threshold=cfg.scorer.threshold, max_batch=cfg.scorer.max_batch)

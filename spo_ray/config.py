@@ -58,6 +58,9 @@ class ScorerConfig:
     checkpoint: str | None = None  # SPM state dict (.bin/.pt with weights_only, or .safetensors)
     threshold: float = 0.3  # keep a pair when softmax([s_w, s_l]) gap > threshold
     max_batch: int = 64  # images per scorer forward
+    # The SPM / CLIP scorer's weights and compute: fp32 as the reference ran its SPM, whatever the
+    # model dtype; "bf16" / "fp16" trade keep decisions for speed (docs/fidelity.md measures it).
+    dtype: str = "fp32"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for a user scorer class
 
 
@@ -377,6 +380,7 @@ def validate_config(cfg: SPOConfig) -> None:
         (s.prompts_per_round >= 1, f"sampling.prompts_per_round must be >= 1, got {s.prompts_per_round}"),
         (0 <= sc.threshold < 1, f"scorer.threshold must be in [0, 1), got {sc.threshold}"),
         (sc.max_batch >= 1, f"scorer.max_batch must be >= 1, got {sc.max_batch}"),
+        (sc.dtype in ("fp32", "bf16", "fp16"), f"scorer.dtype must be fp32/bf16/fp16, got {sc.dtype!r}"),
         (sc.type in ("spm", "clip", "brightness") or ":" in sc.type,
          f"scorer.type must be spm, clip, brightness or 'package.module:Class', got {sc.type!r}"),
         (sc.type not in ("spm", "clip") or bool(sc.clip_dir),

@@ -418,10 +418,11 @@ def build_metric_scorer(metric: str, cfg: EvalConfig, device: torch.device) -> A
 
     sc = cfg.scorers
     common = {"device": device, "dtype": sc.dtype, "max_batch": sc.batch_size}
+    # The metrics are the CLIP processor's (a PIL resize, which antialiases), not the SPM's own preprocessing.
     if metric == "pickscore":
-        return ClipScorer(sc.pickscore_dir, None, processor_dir=sc.pickscore_processor_dir, **common)
+        return ClipScorer(sc.pickscore_dir, None, processor_dir=sc.pickscore_processor_dir, antialias=True, **common)
     if metric == "clip":
-        return ClipScoreMetric(sc.clip_dir, None, **common)
+        return ClipScoreMetric(sc.clip_dir, None, antialias=True, **common)
     if metric == "aesthetic":
         return AestheticScorer(sc.aesthetic_clip_dir, sc.aesthetic_head, **common)
     if metric == "hpsv2":

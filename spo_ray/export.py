@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,15 +19,30 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
-def save_lora(state_dict: dict[str, torch.Tensor], kind: str, directory: str | Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` loadable with ``pipe.load_lora_weights(directory)``."""
+def lora_adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's ``LoraConfig`` as a dict: what diffusers stores beside the weights so that a
+    loader rebuilds the adapter with its rank AND alpha (without it, alpha is taken to be the rank and
+    a LoRA trained with ``lora_alpha != rank`` loads at the wrong strength)."""
+    configs = getattr(unet, "peft_config", None) or {}
+    if len(configs) != 1:
+        raise ValueError(f"expected exactly one LoRA adapter on the UNet, found {sorted(configs) or 'none'}")
+    (config,) = configs.values()
+    return config.to_dict()
+
+
+def save_lora(
+    state_dict: dict[str, torch.Tensor], kind: str, directory: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` loadable with ``pipe.load_lora_weights(directory)``;
+    ``metadata`` (:func:`lora_adapter_metadata`) goes into the file's header, as diffusers reads it."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pipeline_cls.save_lora_weights(
-        save_directory=str(directory), unet_lora_layers=state_dict, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
+        save_directory=str(directory), unet_lora_layers=state_dict, weight_name=LORA_WEIGHT_NAME,
+        safe_serialization=True, unet_lora_adapter_metadata=metadata,
     )
     return directory / LORA_WEIGHT_NAME
 
@@ -39,7 +55,7 @@ def save_full_unet(unet: torch.nn.Module, directory: str | Path) -> Path:
 
 
 def export_policy(unet: torch.nn.Module, *, kind: str, lora: bool, directory: str | Path) -> Path:
-    """Export the policy to ``directory``: LoRA weights or a full UNet directory."""
+    """Export the policy to ``directory``: LoRA weights with their adapter config, or a full UNet directory."""
     if lora:
-        return save_lora(lora_state_dict(unet), kind, directory)
+        return save_lora(lora_state_dict(unet), kind, directory, lora_adapter_metadata(unet))
     return save_full_unet(unet, Path(directory) / "unet")

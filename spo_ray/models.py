@@ -370,8 +370,13 @@ class DiffusionModel:
     # -- VAE -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> RGB images in [-1, 1], float32, [B, 3, H, W] (no gradient: the VAE is frozen)."""
+    def decode(self, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """Latents -> RGB images, float32, [B, 3, H, W] (no gradient: the VAE is frozen).
+
+        ``clamp=True`` (images that are saved or shown) clamps to [-1, 1]. The preference model
+        gets the raw decode (``clamp=False``), as the reference's ``get_preference_score`` does: it
+        resizes first and clamps after, and the released SPMs were trained on inputs made that way.
+        """
         if self.vae is None:
             raise RuntimeError("the VAE is not loaded (load_diffusion_model(components=...) without 'vae')")
         config = self.vae.config
@@ -380,8 +385,8 @@ class DiffusionModel:
         shift = getattr(config, "shift_factor", None)
         if shift is not None:
             z = z + shift
-        images = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
-        return images.float().clamp(-1.0, 1.0)
+        images = self.vae.decode(z.to(vae_dtype), return_dict=False)[0].float()
+        return images.clamp(-1.0, 1.0) if clamp else images
 
 
 # --------------------------------------------------------------------------------------------

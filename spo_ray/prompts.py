@@ -299,12 +299,22 @@ def _n_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-def truncate_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int = 77) -> tuple[list[str], int]:
-    """Shorten prompts whose tokenization (special tokens included) exceeds ``max_length``.
+def _encoder_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """The ids a text encoder sees: tokenized with truncation at ``max_length``, special tokens included."""
+    return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
 
-    Works with any Hugging Face tokenizer. A long prompt is cut to the longest word prefix that
-    fits; if not even the first word fits, it falls back to decoding a prefix of its tokens.
-    Returns the new list and the number of prompts that were truncated.
+
+def truncate_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int = 77) -> tuple[list[str], int]:
+    """Cut prompts whose tokenization (special tokens included) exceeds ``max_length`` at the token level.
+
+    The reference truncates at the tokenizer (``truncation=True, max_length=77``): the text encoder
+    sees the first ``max_length`` tokens, a part of a word included. A long prompt here becomes the
+    shortest prefix of its text whose truncated tokenization is exactly those tokens: cut after the
+    token at the limit or, when that token is a piece inside a word (a word's last piece tokenizes
+    differently), a piece or so later, so that the encoders, which truncate at ``max_length``
+    themselves, see the reference's tokens. Works with any Hugging Face tokenizer (character offsets
+    where it has them, else decoded token prefixes). Returns the new list and the number of prompts
+    over the limit.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -320,33 +330,21 @@ def truncate_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int = 7
 
 
 def _truncate_one(prompt: str, tokenizer: Any, max_length: int) -> str:
-    def fits(text: str) -> bool:
-        return _n_tokens(tokenizer, text) <= max_length
-
-    words = prompt.split()
-    # Binary search for the longest word prefix that fits: words[:lo] fits (0 words trivially),
-    # words[:hi] does not. Only prefixes that were checked are accepted.
-    lo, hi = 0, len(words)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(" ".join(words[:mid])):
-            lo = mid
-        else:
-            hi = mid
-    best = lo
-    if best > 0:
-        return " ".join(words[:best])
-
-    # Even the first word is too long: decode a prefix of the content tokens.
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    n_special = _n_tokens(tokenizer, "")
-    keep = max(max_length - n_special, 0)
-    while keep > 0:
-        text = tokenizer.decode(ids[:keep], skip_special_tokens=True).strip()
-        if fits(text):
+    keep = max_length - _n_tokens(tokenizer, "")  # content tokens that fit beside the special ones
+    if keep <= 0:
+        return ""
+    wanted = _encoder_ids(tokenizer, prompt, max_length)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ends = sorted({end for _, end in enc["offset_mapping"][keep - 1 :]})
+        candidates = (prompt[:end].rstrip() for end in ends)
+    else:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        candidates = (tokenizer.decode(ids[:n], skip_special_tokens=True).strip() for n in range(keep, len(ids) + 1))
+    for text in candidates:
+        if _encoder_ids(tokenizer, text, max_length) == wanted:
             return text
-        keep -= 1
-    return ""
+    return prompt  # no shorter text gives the same tokens: the encoders truncate it themselves
 
 
 # --------------------------------------------------------------------------------------------

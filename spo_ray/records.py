@@ -12,6 +12,9 @@ Pair records (scorer -> trainer), one row per kept pair:
     timesteps [M], x_t [C, H, W], win [M, C, H, W], lose [M, C, H, W],
     score_win, score_lose, score_t, cond_*
 Conditioning travels once per row (per prompt / per pair), never per candidate.
+The latents that enter the log-prob (x_t, chains; x_t, win, lose) are float32 whatever the model
+dtype; x0_hat and cond_* are in the model's dtype in torch batches (numpy has no bfloat16, so
+:func:`to_numpy` upcasts those to float32).
 
 In one process the batches are dicts of torch tensors (and a list of prompt strings); between
 Ray actors they are dicts of numpy arrays; at rest (tests, debugging dumps) an Arrow table

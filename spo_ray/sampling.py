@@ -1,13 +1,17 @@
 """Candidate-pool sampling: one trajectory per prompt, branching into k candidates per segment.
 
 Steps with index < divert_start_step are plain DDIM steps. From there the trajectory is cut
-into segments of 1 + num_inner_steps transitions. A segment branches ONE x_t (and its ONE noise
+into segments of 1 + num_inner_steps transitions (the last as the reference plans it: see
+:func:`plan_segments`). A segment branches ONE x_t (and its ONE noise
 prediction) into k candidates, each continues num_inner_steps single-sample steps, and its
 x0_hat at the segment's end timestep is what the scorer sees (the finished image, t = 0, for
 the last segment). The trajectory then continues from a uniformly random candidate, so it never
 depends on scores: scoring can run asynchronously (DESIGN.md section 1).
 
 The output is a *trajectory record batch*: one row per prompt, columns as in ``records.py``.
+The trajectory itself (x_t, every candidate state) is kept in float32 whatever the model dtype:
+those tensors enter the log-prob, where sigma is ~0.02 at the last steps and bf16 rounding of a
+latent would move (x - mu) / sigma by several percent. Only the UNet's input is cast down.
 """
 
 from __future__ import annotations
@@ -29,11 +33,21 @@ class Segment:
 
 
 def plan_segments(num_steps: int, divert_start_step: int, num_inner_steps: int) -> list[Segment]:
-    """Segments of 1 + num_inner_steps transitions from divert_start_step; the last may be shorter."""
-    length = 1 + num_inner_steps
-    return [
-        Segment(start, min(length, num_steps - start)) for start in range(divert_start_step, num_steps, length)
-    ]
+    """The reference's step plan: segments of 1 + num_inner_steps transitions from divert_start_step.
+
+    The last segment ends with the finished image: it may be shorter, and with inner steps a lone
+    last step is folded into the segment before it (2 + num_inner_steps transitions, no branching
+    at the last step), as the reference's SDXL loop does. Without inner steps every step from
+    divert_start_step branches, the last one included, as its SD1.5 loop does.
+    """
+    starts = list(range(divert_start_step, num_steps, 1 + num_inner_steps))
+    if num_inner_steps > 0 and len(starts) > 1 and starts[-1] == num_steps - 1:
+        starts.pop()
+    ends = [*starts[1:], num_steps]
+    return [Segment(start, end - start) for start, end in zip(starts, ends, strict=True)]
+
+
+TRAJECTORY_DTYPE = torch.float32  # x_t and the candidate chains, whatever the model dtype
 
 
 def _noise(shape: tuple[int, ...], keys: list[tuple], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -57,10 +71,11 @@ class CandidatePoolSampler:
         )
 
     def _step(self, latents, eps, step: int, noise_keys: list[tuple]) -> torch.Tensor:
+        """x_{t-1} = mu + sigma z in float32 (the trajectory's dtype; see the module docstring)."""
         timestep = int(self.model.scheduler.timesteps[step])
         mean, std, _ = ddim_mean_std(self.model.scheduler, eps, timestep, latents, eta=self.cfg.eta)
         noise = _noise(tuple(latents.shape[1:]), noise_keys, latents.device, mean.dtype)
-        return (mean + std * noise).to(latents.dtype)
+        return (mean + std * noise).to(TRAJECTORY_DTYPE)
 
     @torch.no_grad()
     def sample(
@@ -86,16 +101,17 @@ class CandidatePoolSampler:
         cond_k, neg_k = Conditioning.cat([cond] * k), Conditioning.cat([neg] * k)
 
         shape = model.latent_shape
-        x = _noise(shape, [("init", seed, epoch, pid) for pid in prompt_ids], device, dtype)
+        x = _noise(shape, [("init", seed, epoch, pid) for pid in prompt_ids], device, TRAJECTORY_DTYPE)
         for step in range(cfg.divert_start_step):
             eps = self._eps(x, timesteps[step], cond, neg)
             x = self._step(x, eps, step, [("noise", seed, epoch, pid, step, 0) for pid in prompt_ids])
         eps = self._eps(x, timesteps[cfg.divert_start_step], cond, neg)
 
-        num_segments, max_len = len(self.segments), 1 + cfg.num_inner_steps
-        x_t = torch.zeros(batch, num_segments, *shape, dtype=dtype)
-        chains = torch.zeros(batch, num_segments, k, max_len, *shape, dtype=dtype)
-        x0_hat = torch.zeros(batch, num_segments, k, *shape, dtype=dtype)
+        # M: the longest segment (a folded last segment has 2 + num_inner_steps transitions)
+        num_segments, max_len = len(self.segments), max(seg.num_transitions for seg in self.segments)
+        x_t = torch.zeros(batch, num_segments, *shape, dtype=TRAJECTORY_DTYPE)
+        chains = torch.zeros(batch, num_segments, k, max_len, *shape, dtype=TRAJECTORY_DTYPE)
+        x0_hat = torch.zeros(batch, num_segments, k, *shape, dtype=dtype)  # only decoded: the model dtype
         seg_timesteps = torch.zeros(batch, num_segments, max_len, dtype=torch.long)
         score_t = torch.zeros(batch, num_segments, dtype=torch.long)
         choice = torch.zeros(batch, num_segments, dtype=torch.long)
@@ -147,7 +163,10 @@ class CandidatePoolSampler:
             "choice": choice,
             "final": x.cpu(),
         }
-        record.update({f"cond_{key}": torch.from_numpy(value) for key, value in cond.as_dict().items()})
+        for key in ("prompt_embeds", "pooled_embeds", "time_ids"):  # the model dtype: not in the log-prob
+            value = getattr(cond, key)
+            if value is not None:
+                record[f"cond_{key}"] = value.detach().cpu()
         return record
 
 

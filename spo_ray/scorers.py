@@ -77,6 +77,8 @@ class _ClipFamilyScorer:
     """Shared machinery of CLIP-based scorers: tokenizer, per-prompt text cache, preprocessing, batching.
 
     Subclasses load their model in :meth:`_load_model`; everything else about construction is shared.
+    ``antialias`` picks the resize of :func:`preprocess_images`: off (the default) is the reference's SPM
+    preprocessing; on approximates a Hugging Face CLIP processor's PIL resize (evaluation metrics).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class _ClipFamilyScorer:
         max_batch: int = 64,
         *,
         processor_dir: str | os.PathLike | None = None,
+        antialias: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -98,6 +101,7 @@ class _ClipFamilyScorer:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.max_batch = int(max_batch)
+        self.antialias = bool(antialias)
         self.tokenizer = load_clip_processor(self.processor_dir)
         self.image_mean, self.image_std = load_image_normalization(self.processor_dir)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -154,7 +158,9 @@ class _ClipFamilyScorer:
         out = []
         for i in range(0, images.shape[0], self.max_batch):
             sl = slice(i, i + self.max_batch)
-            px = preprocess_images(images[sl].to(self.device), mean=self.image_mean, std=self.image_std)
+            px = preprocess_images(
+                images[sl].to(self.device), mean=self.image_mean, std=self.image_std, antialias=self.antialias
+            )
             s = self._score_pixels(px.to(self.dtype), t[sl].to(self.device), text[sl])
             out.append(s.to(torch.float32))
         return torch.cat(out).to(images.device)
@@ -382,7 +388,10 @@ class AestheticScorer:
         _check_inputs(images, prompts, timesteps)
         out = [torch.empty(0, dtype=torch.float32)]
         for i in range(0, images.shape[0], self.max_batch):
-            px = preprocess_images(images[i : i + self.max_batch].to(self.device), mean=self.image_mean, std=self.image_std)
+            # Antialiased like the CLIP processor (PIL) the released aesthetic head was used with.
+            px = preprocess_images(
+                images[i : i + self.max_batch].to(self.device), mean=self.image_mean, std=self.image_std, antialias=True
+            )
             emb = _pooled(self.model.get_image_features(pixel_values=px.to(self.dtype))).float()
             out.append(self.head(emb / emb.norm(dim=-1, keepdim=True)).cpu())
         return torch.cat(out).to(images.device)

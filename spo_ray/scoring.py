@@ -66,11 +66,15 @@ class ScoringStats:
 
 
 class PoolScorer:
-    """Decodes x0_hat, scores every candidate at its timestep, and applies the pair rule."""
+    """Decodes x0_hat, scores every candidate at its timestep, and applies the pair rule.
+
+    ``decode`` is :meth:`DiffusionModel.decode` (or anything taking ``clamp=``): the scorer gets the
+    raw decode, not clamped to [-1, 1], as the reference's SPM input (the scorer clamps after resizing).
+    """
 
     def __init__(
         self,
-        decode: Callable[[torch.Tensor], torch.Tensor],
+        decode: Callable[..., torch.Tensor],
         scorer: PreferenceScorer,
         *,
         threshold: float,
@@ -86,7 +90,7 @@ class PoolScorer:
         """Scores of x0_hat latents [N, C, H, W], decoded and scored in chunks of max_batch."""
         scores = []
         for lo in range(0, latents.shape[0], self.max_batch):
-            images = self.decode(latents[lo : lo + self.max_batch])
+            images = self.decode(latents[lo : lo + self.max_batch], clamp=False)
             chunk = self.scorer.score(images, prompts[lo : lo + self.max_batch], timesteps[lo : lo + self.max_batch])
             scores.append(chunk.detach().float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)

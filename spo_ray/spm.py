@@ -296,26 +296,30 @@ def preprocess_images(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     *,
-    antialias: bool = True,
+    antialias: bool = False,
 ) -> torch.Tensor:
-    """Decoded images in [-1, 1] ``[N,3,H,W]`` -> CLIP pixel values ``[N,3,size,size]`` (float32).
+    """Raw decoded images ``[N,3,H,W]`` (about [-1, 1], not clamped) -> CLIP pixel values ``[N,3,size,size]`` (float32).
 
-    Maps to [0, 1], resizes the short side to ``size`` (bicubic; rounding as in the SPO reference), clamps to
-    [0, 1] (a PIL round-trip would), centre-crops and CLIP-normalises. Pure torch so it runs batched on the GPU
-    right after the VAE decode, without a PIL round-trip per candidate.
+    The defaults are the reference's ``get_preference_score``, in its order: the short side resized to ``size``
+    (size ``int(h * scale + 0.5)``) with ``F.interpolate(mode="bicubic", align_corners=False)`` and no
+    antialias, on the raw decode; centre-cropped (torchvision's rounding); then mapped to [0, 1], clamped and
+    CLIP-normalised. The released SPMs were trained on inputs made this way, so the SPM scorer uses exactly
+    this. ``antialias=True`` approximates a PIL resize (what Hugging Face CLIP processors do), for metrics
+    computed the processor's way. Pure torch so it runs batched on the GPU right after the VAE decode.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
-    x = (images.to(torch.float32) + 1.0) / 2.0
+    x = images.to(torch.float32)
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-    if (new_h, new_w) != (h, w):
+    if (new_h, new_w) != (h, w):  # a same-size bicubic resize is the identity
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=antialias)
-    x = x.clamp(0.0, 1.0)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
     x = x[..., top : top + size, left : left + size]
+    # Clamped only now: bicubic overshoot and out-of-range decodes are resized first, as in the reference.
+    x = (x / 2 + 0.5).clamp(0.0, 1.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s

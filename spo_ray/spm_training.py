@@ -456,11 +456,16 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
     return resize_straight(x, size)[0]
 
 
-def resize_straight(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [-1, 1] -> ``[N, 3, size, size]`` (aspect ratio not kept, as the SPM was trained)."""
+def resize_straight(images: torch.Tensor, size: int, *, antialias: bool = True) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [-1, 1] -> ``[N, 3, size, size]`` (aspect ratio not kept, as the SPM was trained).
+
+    ``antialias=False`` is the reference's SPM-training resize of the decoded x0_hat (plain bicubic
+    ``F.interpolate``, clamped before and after); the default stands in for the PIL resize its dataset
+    applies to the clean images.
+    """
     if tuple(images.shape[-2:]) == (size, size):
         return images
-    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=antialias)
     return out.clamp(-1.0, 1.0)
 
 
@@ -574,7 +579,8 @@ class X0Renderer:
         if self.relabel is not None:
             s0, s1 = (self.relabel.score(resize_straight(c, size), prompts, torch.zeros(len(prompts))) for c in clean)
             label_0 = relabel_from_scores(s0, s1, self.cfg.data.relabel.gap)
-        pix = [preprocess_images(resize_straight(d, size), size, self.mean, self.std) for d in (dec0, dec1)]
+        # The reference's SPM training: clamped decode -> bicubic to size x size, no antialias -> clamp -> normalise.
+        pix = [preprocess_images(resize_straight(d, size, antialias=False), size, self.mean, self.std) for d in (dec0, dec1)]
         return {
             "pixels_0": pix[0].numpy(), "pixels_1": pix[1].numpy(), "t": t.numpy(), "prompt": np.array(prompts, dtype=object),
             "label_0": label_0.numpy(), "weight": batch["weight"].astype(np.float32), "epoch": batch["epoch"].astype(np.int64),

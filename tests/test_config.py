@@ -58,6 +58,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.max_grad_norm=0", "max_grad_norm must be > 0 or null"),
         ("scorer.type=spm", "scorer.clip_dir is required"),
         ("ray.sampler.torch_threads=0", "ray.sampler.torch_threads must be >= 1 or null, got 0"),
+        ("scorer.dtype=auto", "scorer.dtype must be fp32/bf16/fp16, got 'auto'"),
     ],
 )
 def test_bad_values_are_clear_errors(override, message):
@@ -123,3 +124,23 @@ def test_paper_presets_keep_the_paper_batch_whatever_the_world(preset, prompts, 
     step = micro[: t.grad_accum_steps]  # one optimizer step
     per_rank = [sum(len(local_rows(m, r, trainers)) for m in step) for r in range(trainers)]
     assert sum(per_rank) == rows and min(per_rank) > 0
+
+
+def test_scorer_runs_in_its_own_dtype_fp32_by_default():
+    """The SPM runs in fp32 (as the reference's) even where the diffusion model runs in bf16;
+    scorer.dtype chooses otherwise."""
+    import torch
+
+    from spo_ray.components import build_pool_scorer, load_model
+
+    cpu = torch.device("cpu")
+    spm = ["scorer.type=spm", "scorer.clip_dir=tiny", "scorer.kwargs={}", "model.dtype=bf16"]
+    for dtype, expected in ((None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        cfg = load_config("tiny-sd15", overrides=spm + ([f"scorer.dtype={dtype}"] if dtype else []))
+        assert cfg.scorer.dtype == (dtype or "fp32")
+        model = load_model(cfg, cpu, ("vae",))
+        assert model.dtype == torch.bfloat16
+        scorer = build_pool_scorer(cfg, model, cpu).scorer
+        assert {p.dtype for p in scorer.model.parameters()} == {expected}
+    for preset in ("sd15", "sdxl"):
+        assert load_config(preset).scorer.dtype == "fp32"

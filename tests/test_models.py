@@ -308,6 +308,10 @@ def test_decode(models: dict[str, DiffusionModel], kind: str) -> None:
     assert images.min() >= -1.0 and images.max() <= 1.0
     raw = model.vae.decode(latents / model.vae.config.scaling_factor).sample
     torch.testing.assert_close(images, raw.clamp(-1, 1))
+    # the preference model's input: the raw decode, values beyond [-1, 1] kept
+    unclamped = model.decode(latents, clamp=False)
+    torch.testing.assert_close(unclamped, raw)
+    assert unclamped.abs().max() > 1.0
 
 
 def test_fast_path_switches_and_channels_last_keeps_the_numbers() -> None:

@@ -344,6 +344,11 @@ def clip_tokenizer(tmp_path: Path):
     return CLIPTokenizer.from_pretrained(d)
 
 
+def _encoder_ids(tokenizer, text: str, max_length: int) -> list[int]:
+    """What the reference's text encoder sees: the tokenizer's own truncation at max_length."""
+    return tokenizer(text, truncation=True, max_length=max_length).input_ids
+
+
 def test_truncate_word_level(word_tokenizer) -> None:
     assert len(word_tokenizer("a red fox").input_ids) == 5
     prompts = ["a red fox in the snow", "a red", "a red fox", "abracadabra"]
@@ -360,18 +365,63 @@ def test_truncate_nothing_to_do(word_tokenizer) -> None:
     assert out == prompts and n == 0
 
 
-def test_truncate_clip_bpe(clip_tokenizer) -> None:
-    # "a red fox" -> <sot> a</w> red</w> f o x</w> <eot>: 7 tokens.
+def test_truncate_clip_bpe_at_the_token_limit(clip_tokenizer) -> None:
+    # "a red fox" -> <sot> a</w> red</w> f o x</w> <eot>: 7 tokens; 6 keep <sot> a red f o <eot>.
     assert len(clip_tokenizer("a red fox").input_ids) == 7
-    prompts = ["a red fox in snow", "a red", "abcdefghijklmnop"]
+    prompts = ["a red fox in snow", "a red", "a red in snow", "abcdefghijklmnop", "A  Red, in snow"]
     out, n = truncate_prompts(prompts, clip_tokenizer, max_length=6)
-    assert n == 2
-    assert out[0] == "a red"
+    assert n == 4
+    # Cut at the token limit: the limit falls inside "fox", whose pieces f, o are what the reference's
+    # encoder sees; "a red fo" would end in o</w>, so one more piece is kept and the encoder cuts it.
+    assert out[0] == "a red fox"
     assert out[1] == "a red"
-    # A single over-long word falls back to decoding a token prefix.
-    assert out[2] == "abcd"
-    for p in out:
-        assert len(clip_tokenizer(p).input_ids) <= 6
+    assert out[2] == "a red in"  # a</w> red</w> i n</w>: the limit ends a word, the text fits exactly
+    assert len(clip_tokenizer(out[2]).input_ids) == 6
+    assert out[3] == "abcde"  # a b c d, then e</w>: "abcd" would end in d</w>
+    assert out[4] == "A  Red, in"  # the original text is kept (case, spacing); the limit ends inside "in"
+    for prompt, cut in zip(prompts, out, strict=True):
+        assert _encoder_ids(clip_tokenizer, cut, 6) == _encoder_ids(clip_tokenizer, prompt, 6)
+        assert len(cut) <= len(prompt)
+    # the old word-boundary cut lost tokens the reference's encoder sees
+    assert _encoder_ids(clip_tokenizer, "a red", 6) != _encoder_ids(clip_tokenizer, prompts[0], 6)
+
+
+def test_truncate_at_the_real_limit_with_a_slow_tokenizer_too(tmp_path: Path) -> None:
+    """77 tokens, special ones included, with the tiny pipeline's CLIP tokenizer (fast: offsets) and its
+    python twin (slow: decoded prefixes): the encoder sees the first 77 tokens, as in the reference."""
+    from transformers import CLIPTokenizer
+
+    from spo_ray.tiny import write_clip_tokenizer_files
+
+    path = write_clip_tokenizer_files(tmp_path / "tok")
+    fast = CLIPTokenizer.from_pretrained(path)
+    long = " ".join(["a red fox jumping over the lazy dog,"] * 12)
+    assert len(fast(long).input_ids) > 77
+    cut, n = truncate_prompts([long], fast, max_length=fast.model_max_length)
+    assert n == 1 and len(cut[0]) < len(long) and long.startswith(cut[0])
+    assert _encoder_ids(fast, cut[0], 77) == _encoder_ids(fast, long, 77) and len(_encoder_ids(fast, long, 77)) == 77
+    assert len(fast(cut[0]).input_ids) - 77 <= 1  # at most one piece beyond the limit
+    # A tokenizer without character offsets (a python "slow" one) takes the decoded-prefix path.
+    slow = _NoOffsets(fast)
+    cut_slow, n_slow = truncate_prompts([long], slow, max_length=77)
+    assert n_slow == 1 and _encoder_ids(fast, cut_slow[0], 77) == _encoder_ids(fast, long, 77)
+
+
+class _NoOffsets:
+    """The tiny CLIP tokenizer seen through the interface of one without offsets (``is_fast`` False):
+    transformers 5 ships no python CLIP tokenizer to test that path with."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __call__(self, text, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tokenizer(text, **kwargs)
+
+    def decode(self, ids, **kwargs):
+        return self._tokenizer.decode(ids, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,6 +154,20 @@ def test_clip_scorer_ignores_t_and_equals_new_spm(clip_dir: Path, monkeypatch: p
     assert sum(calls) == 2
 
 
+def test_resize_is_the_references_unless_antialias_is_asked_for(clip_dir: Path) -> None:
+    """The SPO scorers resize as the reference's SPM does (no antialias); evaluation metrics ask for the
+    CLIP processor's antialiased resize. At 512 px the two differ."""
+    imgs, prompts = _images(2, 512, 512), ["a cat", "a dog"]
+    plain, smooth = ClipScorer(clip_dir), ClipScorer(clip_dir, antialias=True)
+    assert not StepAwareScorer(clip_dir).antialias and not plain.antialias
+    text = plain.text_embeddings(prompts)
+    with torch.no_grad():
+        for scorer, antialias in ((plain, False), (smooth, True)):
+            ref = scorer._score_pixels(preprocess_images(imgs, antialias=antialias), torch.zeros(2), text)
+            torch.testing.assert_close(scorer.score(imgs, prompts, torch.zeros(2)), ref, atol=1e-5, rtol=0)
+    assert (plain.score(imgs, prompts, torch.zeros(2)) - smooth.score(imgs, prompts, torch.zeros(2))).abs().min() > 1e-3
+
+
 def test_clip_scorer_checkpoint(clip_dir: Path, spm_checkpoint: Path, tmp_path: Path) -> None:
     from transformers import CLIPModel
 

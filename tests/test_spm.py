@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from spo_ray.fidelity import natural_images
 from spo_ray.spm import (
     CLIP_MEAN,
     CLIP_STD,
@@ -350,18 +351,45 @@ def test_preprocess_non_square_short_side_resize_and_centre_crop() -> None:
     out = preprocess_images(img)
     expected = _norm(((cols[112:336] + 1) / 2).view(1, 1, 1, 224).expand(2, 3, 224, 224))
     torch.testing.assert_close(out, expected)
-    # a tall 896 x 448 image: short side 448 -> 224 (bicubic, antialiased), long side 896 -> 448, centre rows
+    # a tall 896 x 448 image: short side 448 -> 224 (bicubic, no antialias), long side 896 -> 448, centre rows
     g = torch.Generator().manual_seed(0)
     tall = torch.rand(1, 3, 896, 448, generator=g) * 2 - 1
-    resized = F.interpolate(
-        (tall + 1) / 2, size=(448, 224), mode="bicubic", align_corners=False, antialias=True
-    )
-    expected = _norm(resized.clamp(0, 1)[..., 112:336, :])
+    resized = F.interpolate(tall, size=(448, 224), mode="bicubic", align_corners=False)
+    expected = _norm(((resized[..., 112:336, :] + 1) / 2).clamp(0, 1))
     torch.testing.assert_close(preprocess_images(tall), expected)
     # the content in the centre is what survives: a bright centre band stays, dark margins are cut
     band = torch.full((1, 3, 224, 672), -1.0)
     band[..., 224:448] = 1.0
     torch.testing.assert_close(preprocess_images(band), _norm(torch.ones(1, 3, 224, 224)))
+
+
+def _reference_preference_preprocess(images: torch.Tensor, img_size: int = 224) -> torch.Tensor:
+    """A transcription of the SPO reference's ``StepAwarePreferenceModel.get_preference_score`` up to the
+    SPM call: resize the raw decode, centre-crop (torchvision's ``CenterCrop`` rounding) only when the
+    resized image is not square, then map to [0, 1], clamp and normalise."""
+    shortest = min(images.size(-2), images.size(-1))
+    scale = img_size / shortest
+    new_size = (int(images.size(-2) * scale + 0.5), int(images.size(-1) * scale + 0.5))
+    images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False)
+    if new_size[0] != new_size[1]:
+        top = int(round((new_size[0] - img_size) / 2.0))
+        left = int(round((new_size[1] - img_size) / 2.0))
+        images = images[..., top : top + img_size, left : left + img_size]
+    images = (images / 2 + 0.5).clamp(0, 1).float()
+    return _norm(images)
+
+
+@pytest.mark.parametrize("h, w", [(512, 512), (1024, 1024), (512, 768), (1024, 768)])
+def test_preprocess_equals_the_reference_on_raw_decodes(h: int, w: int) -> None:
+    images = natural_images(2, h, w, seed=h + w)
+    assert (images.abs() > 1).float().mean() > 0.01  # values outside [-1, 1] are part of the check
+    out = preprocess_images(images)
+    expected = _reference_preference_preprocess(images)
+    assert out.shape == expected.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    if h == w:  # what it replaced (clamp first, antialiased resize) is far off here: the check can fail
+        old = F.interpolate((images.clamp(-1, 1) + 1) / 2, size=(224, 224), mode="bicubic", antialias=True)
+        assert (_norm(old.clamp(0, 1)) - expected).norm() / expected.norm() > 0.2
 
 
 def test_load_image_normalization_reads_processor_config(clip_dir: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from spo_ray.config import ConfigError
@@ -189,6 +190,32 @@ def test_renderer_shares_noise_is_keyed_and_relabels(tmp_path: Path, unit_latent
     # Both images of a pair see one t and one noise: identical images give identical x0_hat decodes.
     d0, d1 = render_x0_pairs(renderer.model, clean[0], clean[0], ["a cat"] * 6, torch.full((6,), 400), [(0, i) for i in range(6)], 5.0)
     torch.testing.assert_close(d0, d1)
+
+
+def test_renderer_prepares_spm_inputs_as_the_reference_spm_training(tmp_path: Path, unit_latent_base: Path):
+    """At 512 px (the resize to 224 shrinks, where antialiasing would matter) the renderer's pixels equal a
+    transcription of the reference's SPM training: the x0_hat decode mapped to [0, 1] and clamped, a plain
+    bicubic ``F.interpolate`` to 224 x 224 (no antialias), clamped again, normalised."""
+    from spo_ray.spm_training import X0Renderer, decode_image, render_x0_pairs
+
+    df = write_pickapic(tmp_path / "p.parquet", 2, seed=6)
+    cfg = load_spm_config("spm-tiny", overrides=[
+        f"data.train={tmp_path / 'p.parquet'}", f"model.pretrained={unit_latent_base}", "model.resolution=512",
+    ])
+    rows = tag_examples(df, layout="pickapic", split="train", epoch=0, seed=1, prompt_counts={}, eval_fraction=0.0,
+                        image_root=None, bucket_edges=EDGES, timesteps_per_bucket=1)
+    batch = {c: rows[c].to_numpy() for c in rows.columns}
+    renderer = X0Renderer(cfg.to_dict())
+    out = renderer(batch)
+    keys = [(cfg.train.seed, int(e), int(x), int(s))
+            for e, x, s in zip(batch["epoch"], batch["example_id"], batch["slot"], strict=True)]
+    pics = [torch.stack([decode_image(b, 512) for b in batch[c]]) for c in ("image_0", "image_1")]
+    dec0, _ = render_x0_pairs(renderer.model, pics[0], pics[1], [str(p) for p in batch["prompt"]],
+                              torch.as_tensor(batch["t"].astype(np.int64)), keys, cfg.model.guidance_scale)
+    assert dec0.shape[-1] == 512
+    img = F.interpolate((dec0 / 2 + 0.5).clamp(0, 1), size=(224, 224), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (renderer.mean, renderer.std))
+    np.testing.assert_allclose(out["pixels_0"], ((img - mean) / std).numpy(), atol=1e-5, rtol=0)
 
 
 def test_config_errors_before_anything_runs():
