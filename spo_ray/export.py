@@ -10,12 +10,13 @@ import torch
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (what ``load_lora_weights`` expects)."""
+def lora_state_dict(unet: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' key names (what ``load_lora_weights`` expects); from
+    ``weights`` (by parameter name, e.g. DeepSpeed's fp32 masters) when given, else the module's."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet)
+    state = get_peft_model_state_dict(unet, state_dict=weights)
     return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
@@ -54,8 +55,11 @@ def save_full_unet(unet: torch.nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def export_policy(unet: torch.nn.Module, *, kind: str, lora: bool, directory: str | Path) -> Path:
-    """Export the policy to ``directory``: LoRA weights with their adapter config, or a full UNet directory."""
+def export_policy(unet: torch.nn.Module, *, kind: str, lora: bool, directory: str | Path,
+                  weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Export the policy to ``directory``: LoRA weights with their adapter config (from ``weights``
+    by parameter name when given: a bf16 DeepSpeed module holds its LoRA's fp32 values in the
+    optimizer), or a full UNet directory."""
     if lora:
-        return save_lora(lora_state_dict(unet), kind, directory, lora_adapter_metadata(unet))
+        return save_lora(lora_state_dict(unet, weights), kind, directory, lora_adapter_metadata(unet))
     return save_full_unet(unet, Path(directory) / "unet")

@@ -287,8 +287,9 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
             log_ready_grids(ctx.tracker, ctx.pending_grids, wait=True)
     final_dir = cfg.run_dir / "final"
     with ctx.learner.gathered(everything=not cfg.train.lora):
-        if ctx.rank == 0:
-            export_policy(ctx.learner.engine.module, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir)
+        if ctx.rank == 0:  # LoRA: its fp32 masters; full fine-tuning: the gathered UNet
+            export_policy(ctx.learner.engine.module, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir,
+                          weights=weights if cfg.train.lora else None)
     if ctx.rank == 0:
         summary = {
             "engine": "ray", "run_dir": str(cfg.run_dir), "final_dir": str(final_dir),
