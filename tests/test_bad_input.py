@@ -134,9 +134,19 @@ def lora_does_not_fit(tmp_path, caplog):
 
 
 def corrupt_resume_checkpoint(tmp_path, caplog):
+    from spo_ray.checkpointing import shard_file
+
     saved = write_resume_checkpoint(cfg_with(tmp_path), lora_weights(rank=4))
-    weights = saved / "weights.safetensors"
+    weights = saved / shard_file("weights", 0, 1)
     weights.write_bytes(weights.read_bytes()[:100])
+    return preflight(cfg_with(tmp_path))
+
+
+def checkpoint_without_optimizer_state(tmp_path, caplog):
+    from spo_ray.checkpointing import shard_file
+
+    saved = write_resume_checkpoint(cfg_with(tmp_path), lora_weights(rank=4))
+    (saved / shard_file("optimizer", 0, 1)).unlink()
     return preflight(cfg_with(tmp_path))
 
 
@@ -160,6 +170,7 @@ SCENARIOS: dict[str, Callable] = {
     "corrupt SPM checkpoint": spm_corrupt,
     "LoRA checkpoint that does not fit the model on resume": lora_does_not_fit,
     "corrupt resume checkpoint": corrupt_resume_checkpoint,
+    "resume checkpoint without its optimizer state": checkpoint_without_optimizer_state,
     "unreachable MLflow server": unreachable_mlflow,
     "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
