@@ -106,10 +106,12 @@ class RoundLedger:
         self.redone = {"prompts": 0, "scoring_events": 0, "kept": 0, "rejected": 0}
         self.stale_reports = 0
         self.changed = asyncio.Condition()  # notified on every report: the trainer long-polls
+        self.pair_refs: dict[tuple[int, int], list[list[ray.ObjectRef]]] = {}  # (round, dest rank) -> references
 
     def begin_stream(self, position: int) -> int:
         """A new stream from prompt-plan ``position`` (round index): returns its generation."""
         self.generation += 1
+        self.pair_refs.clear()  # a dead worker group's pairs in transit are not the new group's
         for round_index in [r for r in self.scored if r >= position]:
             for row in self.scored.pop(round_index).values():
                 for key, value in (("prompts", 1), ("scoring_events", row.events), ("kept", row.kept),
@@ -152,6 +154,14 @@ class RoundLedger:
             events=sum(r.events for r in seen), kept=sum(r.kept for r in seen), rejected=sum(r.rejected for r in seen),
             score_sum=sum(r.score_sum for r in seen), images=sum(r.images for r in seen), buckets=_bucket_totals(seen),
         )
+
+    def post_pairs(self, round_index: int, src: int, outgoing: dict[int, list[ray.ObjectRef]]) -> None:
+        """A trainer rank's pairs for the others (references, one per destination: pair routing)."""
+        for dest, refs in outgoing.items():
+            self.pair_refs.setdefault((round_index, dest), []).append(refs)
+
+    def take_pairs(self, round_index: int, dest: int) -> list[list[ray.ObjectRef]]:
+        return self.pair_refs.pop((round_index, dest), [])
 
     def offer_strip(self, round_index: int, first_prompt_id: int, png: bytes) -> None:
         """A scorer's win/lose strip; the one with the round's smallest prompt id is kept (whoever

@@ -9,9 +9,8 @@ A round's kept pairs arrive at the ranks wherever ``streaming_split`` put them. 
    pure function of ids), hence which pairs each rank needs (those holding a transition of its
    share; a rank with no share gets one pair for its zero-weight forward);
 3. each rank ``ray.put``s one object per destination holding exactly the pairs that rank needs
-   from it, all-gathers the references (a few hundred bytes), and fetches the ones addressed to
-   it peer to peer through the object store; a last barrier keeps every sender's objects alive
-   until all receivers have them (references passed outside Ray are not reference-counted).
+   from it and posts the references to the RoundLedger (~250 bytes each: the data stays in the
+   sender's object store), then takes the ones addressed to it and fetches them peer to peer.
 
 So the training is exactly the gathered version's (the same micro-batches, in the same order),
 while the bytes a rank receives are its share of the round, O(round / ranks), instead of the
@@ -55,8 +54,9 @@ def _all_gather(obj: Any) -> list[Any]:
 
 
 def route_round(local: list[dict[str, Any]], *, rank: int, world: int, batch_size: int, seed: int, epoch: int,
-                round_index: int) -> RoutedRound:
-    """Exchange a round's pairs so that this rank holds exactly what its micro-batches use."""
+                round_index: int, exchange: Any) -> RoutedRound:
+    """Exchange a round's pairs so that this rank holds exactly what its micro-batches use;
+    ``exchange`` is the run's RoundLedger, which hands each rank the references addressed to it."""
     mine = records.concat(local) if local else {}
     n_mine = records.num_rows(mine) if mine else 0
     meta = [(int(p), int(s), int(v)) for p, s, v in zip(
@@ -85,12 +85,13 @@ def route_round(local: list[dict[str, Any]], *, rank: int, world: int, batch_siz
         idx = [holder[pid][1] for pid in wanted if holder[pid][0] == rank]
         if dest != rank and idx:
             outgoing[dest] = ray.put(take_rows(mine, torch.tensor(idx)))
-    refs = [part[rank] for r, part in enumerate(_all_gather(outgoing)) if r != rank and rank in part]
+    # References travel through a coordination actor, not the all-gather: passed through Ray they
+    # keep their owner's address and are reference-counted (pickled by torch they are neither,
+    # and a small object held in its owner's memory is then never found).
+    ray.get(exchange.post_pairs.remote(round_index, rank, {dest: [ref] for dest, ref in outgoing.items()}))
+    _all_gather(None)  # every rank has posted
+    refs = [held[0] for held in ray.get(exchange.take_pairs.remote(round_index, rank))]
     received = ray.get(refs) if refs else []
-    # The references crossed ranks outside Ray (pickled by the all-gather), so Ray does not count
-    # them: a sender must hold its own until every receiver has fetched, or the object is freed.
-    _all_gather(None)
-    del outgoing
     own = [holder[pid][1] for pid in needs[rank] if holder[pid][0] == rank]
     held = records.concat(([take_rows(mine, torch.tensor(own))] if own else []) + received)
     held = records.sort_rows(held, "pair_id")

@@ -103,7 +103,7 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
                                 rnd.index, ctx.rank, ctx.learner.device)
         t = ctx.cfg.train
         pairs = route_round(ctx.pump.pop(rnd.index), rank=ctx.rank, world=ctx.world, batch_size=t.train_batch_size,
-                            seed=t.seed, epoch=rnd.epoch, round_index=rnd.index)
+                            seed=t.seed, epoch=rnd.epoch, round_index=rnd.index, exchange=ctx.ledger)
         ctx.meter.add(bytes_in=pairs.bytes_received, pairs_held=pairs.pairs_held)
         lag = policy_lag(ctx, progress, pairs, rnd)
         trained = time.time()
