@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -362,14 +363,29 @@ def config_from_dict(data: dict[str, Any], *, validate: bool = True) -> SPOConfi
 # ----------------------------------------------------------------------------- validation
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def common_problems(cfg: Any) -> list[str]:
+    """What every config kind checks alike: the base model's kind, dtype and resolution, the run's
+    name (a plain directory name: no separators, no '.' or '..') and device."""
+    m, run = cfg.model, cfg.run
+    checks = [
+        (m.kind in ("sd15", "sdxl"), f"model.kind must be 'sd15' or 'sdxl', got {m.kind!r}"),
+        (m.dtype in ("auto", "fp32", "bf16", "fp16"), f"model.dtype must be auto/fp32/bf16/fp16, got {m.dtype!r}"),
+        (m.resolution is None or (m.resolution > 0 and m.resolution % 8 == 0),
+         f"model.resolution must be a positive multiple of 8, got {m.resolution}"),
+        (isinstance(run.name, str) and bool(_RUN_NAME.match(run.name)) and run.name not in (".", ".."),
+         f"run.name must be a plain name (letters, digits, '.', '_', '-'; not '.' or '..'), got {run.name!r}"),
+        (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {run.device!r}"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
 def validate_config(cfg: SPOConfig) -> None:
     """Raise ConfigError listing every impossible value (all at once, not one per run)."""
     s, t, sc, r = cfg.sampling, cfg.train, cfg.scorer, cfg.ray
     checks: list[tuple[bool, str]] = [
-        (cfg.model.kind in ("sd15", "sdxl"), f"model.kind must be 'sd15' or 'sdxl', got {cfg.model.kind!r}"),
-        (cfg.model.dtype in ("auto", "fp32", "bf16", "fp16"), f"model.dtype must be auto/fp32/bf16/fp16, got {cfg.model.dtype!r}"),
-        (cfg.model.resolution is None or (cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0),
-         f"model.resolution must be a positive multiple of 8, got {cfg.model.resolution}"),
         (s.num_steps >= 2, f"sampling.num_steps must be >= 2, got {s.num_steps}"),
         (s.eta > 0, f"sampling.eta must be > 0 (training needs a stochastic DDIM step), got {s.eta}"),
         (s.guidance_scale >= 1, f"sampling.guidance_scale must be >= 1, got {s.guidance_scale}"),
@@ -415,10 +431,8 @@ def validate_config(cfg: SPOConfig) -> None:
         (cfg.run.checkpoint_every_rounds >= 0, f"run.checkpoint_every_rounds must be >= 0, got {cfg.run.checkpoint_every_rounds}"),
         (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
         (cfg.run.max_rounds is None or cfg.run.max_rounds >= 1, f"run.max_rounds must be >= 1 or null, got {cfg.run.max_rounds}"),
-        (cfg.run.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {cfg.run.device!r}"),
-        (bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name must be a non-empty name without '/', got {cfg.run.name!r}"),
     ]
-    problems = [message for ok, message in checks if not ok]
+    problems = common_problems(cfg) + [message for ok, message in checks if not ok]
     for role in ("sampler", "scorer", "trainer", "renderer"):
         problems += getattr(r, role).problems(f"ray.{role}")
     if problems:

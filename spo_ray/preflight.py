@@ -76,7 +76,8 @@ def check_world(cfg: SPOConfig) -> None:
 
 def check_model_files(cfg: SPOConfig) -> str:
     """The base model's directory holds every component the roles load (config and weights)."""
-    from spo_ray.models import COMPONENTS, _resolve_source, check_local_layout, resolve_pretrained
+    from spo_ray.model_loading import _resolve_source, check_local_layout, resolve_pretrained
+    from spo_ray.models import COMPONENTS
 
     source, is_local = resolve_pretrained(cfg.model.pretrained, cfg.model.kind)
     if cfg.model.vae is not None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .devices import torch_dtype
 from .spm import (
     StepAwarePreferenceModel,
     _pooled,
@@ -28,7 +29,6 @@ from .spm import (
     preprocess_images,
     read_state_dict,
     resolve_clip_dir,
-    resolve_dtype,
 )
 
 __all__ = [
@@ -99,7 +99,7 @@ class _ClipFamilyScorer:
         # tokenizer / preprocessor config, point processor_dir at the one that has them.
         self.processor_dir = resolve_clip_dir(processor_dir) if processor_dir is not None else self.clip_dir
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.max_batch = int(max_batch)
         self.antialias = bool(antialias)
         self.tokenizer = load_clip_processor(self.processor_dir)
@@ -368,7 +368,7 @@ class AestheticScorer:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.clip_dir = resolve_clip_dir(clip_dir)
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.max_batch = int(max_batch)
         self.image_mean, self.image_std = load_image_normalization(self.clip_dir)
         clip = CLIPModel.from_pretrained(str(self.clip_dir), local_files_only=True)

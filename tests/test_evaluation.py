@@ -48,7 +48,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     """A tuned model (a seeded random LoRA on the tiny UNet, exported as the SPO job exports it), a prompt
     file and an aesthetic head over the tiny CLIP's embeddings."""
     from spo_ray.export import export_policy
-    from spo_ray.models import load_diffusion_model
+    from spo_ray.model_loading import load_diffusion_model
     from spo_ray.tiny import ensure_tiny_clip
     from spo_ray.training import add_lora
 
