@@ -25,6 +25,7 @@ writes run in parallel (~0.5 s at 1 GB/s per rank to shared storage that keeps u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -132,9 +133,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / shard_file("weights", rank, world)))
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
-              str(tmp / shard_file("optimizer", rank, world)))
+    needed = sum(v.numel() * v.element_size() for v in weights.values()) + 4 * sum(v.numel() for v in optimizer.values())
+    try:
+        free = shutil.disk_usage(tmp).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  str(tmp / shard_file("weights", rank, world)))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
+                  str(tmp / shard_file("optimizer", rank, world)))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        what = "no space left on device" if err.errno == errno.ENOSPC else str(err)
+        raise CheckpointError(f"checkpoint {final} could not be written: {what} ({err.strerror or err}); "
+                              f"the previous checkpoint {previous or '(none)'} stays valid") from err
     barrier()
     if rank != 0:
         return None
@@ -146,6 +159,15 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Temporary checkpoint folders a crashed process left behind (a run starts with none)."""
+    root = checkpoint_dir(run_dir)
+    stale = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

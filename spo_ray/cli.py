@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="DDIM steps")
     bench.add_argument("--out", default="bench-out", metavar="DIR", help="bench.json and bench.md go here")
     bench.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    bench.add_argument("--scale", action="store_true",
+                       help="the Ray engine's per-unit costs at 1, 2, 4, 8 trainer ranks and samplers (tiny model), "
+                            "extrapolated to the cluster cases (instead of the engine comparison)")
     bench.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     return parser
 
@@ -57,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         return compare_main(args)
+    if args.command == "bench" and args.scale:
+        from spo_ray.bench.scale import ScaleOptions, run_scale
+
+        print(run_scale(ScaleOptions(rounds=args.rounds, out=args.out))["markdown"], end="")
+        return 0
     if args.command == "bench":
         from spo_ray.bench import BenchOptions, run_bench
 

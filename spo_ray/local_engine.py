@@ -25,25 +25,26 @@ from spo_ray.checkpointing import (
     latest_checkpoint,
     load_checkpoint,
     read_progress,
+    remove_stale_temporaries,
     save_checkpoint,
     upload_due,
 )
 from spo_ray.components import (
     apply_fast_path,
     build_pool_scorer,
-    fit_prompts_to_tokenizer,
     last_round,
     load_model,
-    load_prompt_set,
     prompt_plan,
     resolve_device,
 )
 from spo_ray.config import SPOConfig
 from spo_ray.export import export_policy
-from spo_ray.learner import NonFiniteError, checkpoint_shard
+from spo_ray.learner import NonFiniteError, checkpoint_shard, weights_finite
+from spo_ray.preflight import preflight
 from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_set
 from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record
 from spo_ray.sampling import CandidatePoolSampler
+from spo_ray.scoring import nonfinite_problem
 from spo_ray.tracking import RunTracker
 from spo_ray.training import LocalTrainer
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     """Run SPO in this process; returns the run summary (also written to summary.json)."""
     started = time.time()
-    prompt_set = load_prompt_set(cfg)  # bad prompt files fail here, before any model loads
+    prompt_set = preflight(cfg, ray=False)  # every bad input fails here, as on Ray, before any model loads
     device = resolve_device(cfg)
     resumed = latest_checkpoint(cfg.run_dir)
     # The tracking server is checked (and the MLflow run started or continued) before any model loads.
@@ -71,12 +72,14 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
 def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(run_dir):
+        log.warning("removed %s, an incomplete checkpoint of an earlier, interrupted run", stale)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Components: one UNet samples and trains (so no torch.compile), the VAE and scorer score.
     model = load_model(cfg, device)
     apply_fast_path(model, cfg, device, inference_only=False)
-    prompts = fit_prompts_to_tokenizer(prompt_set, model.tokenizers[0]).prompts
+    prompts = prompt_set.prompts  # cut to the text encoder's context by the preflight
     plan = prompt_plan(cfg, len(prompts))
     trainer = LocalTrainer(model, cfg.train, cfg.sampling, device=device)
     learner, frozen_copy = trainer.learner, trainer.frozen_copy
@@ -130,11 +133,16 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         t_sampled = time.time()
         pairs, stats = pool_scorer(records)
         t_scored = time.time()
+        stopped_by = nonfinite_problem(rnd.index, stats.events, stats.nonfinite, cfg.scorer.max_nonfinite_fraction,
+                                       stats.nonfinite_latents)
+        if stopped_by:  # a checkpoint before this round: a resume redoes it (after the cause is fixed)
+            checkpoint()
+            break
         try:
             steps = trainer.train_round(pairs, epoch=rnd.epoch, round_index=rnd.index)
-        except NonFiniteError as err:
+            weights_finite(learner.trainables())
+        except NonFiniteError as err:  # no checkpoint: the round's weights are partly trained
             stopped_by = str(err)
-            checkpoint()
             break
         t_trained = time.time()
 
@@ -147,6 +155,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         meters["trainer"].record(t_scored, t_trained, optimizer_steps=len(steps), pairs_trained=num_pairs)
         progress.accounting.add(
             prompts=len(rnd.prompt_ids), scoring_events=stats.events, kept=stats.kept, rejected=stats.rejected,
+            dropped_nonfinite=stats.nonfinite,
             trained=num_pairs, transitions_trained=transitions, optimizer_steps=len(steps),
             skipped_steps=sum(s.skipped for s in steps),
         )
@@ -204,5 +213,5 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     tracker.log_artifact(run_dir / "summary.json")
     log.info("accounting: %s", accounting.summary())
     if stopped_by:
-        raise NonFiniteError(stopped_by)
+        log.error("%s; the checkpoint %s holds the state before it", stopped_by, latest_checkpoint(run_dir))
     return result

@@ -10,6 +10,7 @@ the meta device and checkpoints are read for their key names and shapes only.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class InputError(ValueError):
     """Something the user gave is unusable; the message names it and what is wrong."""
 
 
-def preflight(cfg: SPOConfig) -> PromptSet:
+def preflight(cfg: SPOConfig, *, ray: bool = True) -> PromptSet:
     """Validate the run's inputs; returns the prompt set, cut to the text encoder's context.
 
     Raises :class:`InputError` (with the underlying error chained) for any bad input.
@@ -37,13 +38,17 @@ def preflight(cfg: SPOConfig) -> PromptSet:
     from spo_ray.tracking import TrackingError, check_reachable, resolve_tracking_uri
 
     try:
-        check_world(cfg)
+        if ray:  # the in-process engine has no samplers or trainer ranks to check
+            check_world(cfg)
         prompt_set = load_prompt_set(cfg)  # missing / empty / undecodable file
         if prompt_set.blank_lines_skipped:
             log.warning("%d blank line(s) in %s skipped", prompt_set.blank_lines_skipped, prompt_set.source)
+        check_output_dir(cfg)
         source = check_model_files(cfg)
+        _meta_policy_shapes(cfg, source)  # LoRA targets that match nothing fail here
         prompt_set = fit_prompts_to_tokenizer(prompt_set, load_tokenizer(source))
         check_scorer_checkpoint(cfg)
+        check_user_scorer(cfg)
         check_resume_checkpoint(cfg, source)
         if cfg.tracking.enabled:
             check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails fast
@@ -72,6 +77,16 @@ def check_world(cfg: SPOConfig) -> None:
         )
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def check_output_dir(cfg: SPOConfig) -> None:
+    """``run.output_dir`` is a directory (or can be one) that this process can write."""
+    out = Path(cfg.run.output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"run.output_dir={out}: {existing} exists and is not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"run.output_dir={out}: {existing} is not writable by this user")
 
 
 def check_model_files(cfg: SPOConfig) -> str:
@@ -114,6 +129,24 @@ def check_scorer_checkpoint(cfg: SPOConfig) -> None:
     problems = state_dict_problems(_meta_spm(cfg.scorer.clip_dir or "tiny"), found, check_buffer_values=False)
     if problems:
         raise CheckpointLoadError(f"checkpoint {cfg.scorer.checkpoint} does not match the model: " + "; ".join(problems))
+
+
+def check_user_scorer(cfg: SPOConfig) -> None:
+    """A user scorer (``scorer.type=package.module:Class``) imports, takes its ``scorer.kwargs``
+    and scores two small images as a [2] tensor of finite floats, before any resource is taken."""
+    if ":" not in cfg.scorer.type:
+        return
+    from spo_ray.scorers import build_scorer
+    from spo_ray.scoring import check_scores
+
+    images = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    try:  # the user's code may raise anything: each is the user's to fix, named as such
+        scorer = build_scorer(cfg.scorer.type, device="cpu", **cfg.scorer.kwargs)
+        scores = check_scores(scorer.score(images, ["a red apple", "a blue car"], torch.tensor([0, 500])), 2, scorer)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"scorer.type={cfg.scorer.type}: {err}") from err
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"scorer.type={cfg.scorer.type} returned non-finite scores {scores.tolist()} for two test images")
 
 
 def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:

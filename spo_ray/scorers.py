@@ -12,6 +12,7 @@ cosine, so the 0.3 / 0.4 softmax-gap pair thresholds are meaningful). Implementa
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -268,6 +269,25 @@ def _import_object(path: str) -> Any:
     return obj
 
 
+def _parameters(factory: Any) -> list[str]:
+    try:
+        return [n for n, p in inspect.signature(factory).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return []
+
+
+def _unexpected_kwargs(factory: Any, kwargs: dict[str, Any]) -> set[str]:
+    """The keyword arguments ``factory`` does not declare (none when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return set()
+    return set(kwargs) - set(_parameters(factory))
+
+
 def build_scorer(
     kind: str,
     *,
@@ -295,6 +315,10 @@ def build_scorer(
         factory = _import_object(kind)
         if not callable(factory):
             raise TypeError(f"scorer {kind!r} is not callable (got {type(factory).__name__})")
+        unexpected = _unexpected_kwargs(factory, kwargs)
+        if unexpected:
+            raise TypeError(f"scorer {kind!r} does not take {', '.join(sorted(unexpected))} (from scorer.kwargs); "
+                            f"it takes: {', '.join(_parameters(factory)) or 'nothing'}")
         scorer = factory(**kwargs)
         if not callable(getattr(scorer, "score", None)):
             raise TypeError(

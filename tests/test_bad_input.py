@@ -150,6 +150,37 @@ def checkpoint_without_optimizer_state(tmp_path, caplog):
     return preflight(cfg_with(tmp_path))
 
 
+def duplicated_yaml_key(tmp_path, caplog):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 2\ntrain:\n  seed: 3\n")
+    return load_config("tiny-sd15", config_file=path, overrides=[f"run.output_dir={tmp_path}"])
+
+
+def output_dir_is_a_file(tmp_path, caplog):
+    (tmp_path / "a-file").write_text("not a directory")
+    return preflight(load_config("tiny-sd15", overrides=[f"run.output_dir={tmp_path / 'a-file'}", *FAST]))
+
+
+def fifo_prompt_file(tmp_path, caplog):
+    import os
+
+    os.mkfifo(tmp_path / "prompts.txt")
+    return preflight(cfg_with(tmp_path, f"data.prompt_file={tmp_path / 'prompts.txt'}"))
+
+
+def stale_temporary_checkpoint(tmp_path, caplog):
+    from spo_ray.local_engine import run_in_process
+
+    cfg = cfg_with(tmp_path, "run.max_rounds=1", "data.max_prompts=4", "sampling.num_steps=6",
+                   "sampling.divert_start_step=4", "run.checkpoint_every_rounds=0")
+    stale = cfg.run_dir / "checkpoints" / ".tmp-round-0000007"
+    stale.mkdir(parents=True)
+    caplog.set_level(logging.WARNING)
+    run_in_process(cfg)
+    assert not stale.exists()
+    return caplog.text
+
+
 def unreachable_mlflow(tmp_path, caplog):
     cfg = load_config("tiny-sd15", overrides=[
         f"run.output_dir={tmp_path}", f"tracking.tracking_uri=http://127.0.0.1:{free_port()}",
@@ -172,12 +203,33 @@ SCENARIOS: dict[str, Callable] = {
     "corrupt resume checkpoint": corrupt_resume_checkpoint,
     "resume checkpoint without its optimizer state": checkpoint_without_optimizer_state,
     "unreachable MLflow server": unreachable_mlflow,
+    "a float setting that is not finite (`train.learning_rate=inf`, `sampling.guidance_scale=nan`)":
+        lambda tmp_path, caplog: cfg_with(tmp_path, "train.learning_rate=inf", "sampling.guidance_scale=nan"),
+    "several bad keys and values": lambda tmp_path, caplog: cfg_with(tmp_path, "train.epochs=x", "train.lernrate=1"),
+    "an override value that is not YAML (`train.learning_rate=[`)": lambda tmp_path, caplog: cfg_with(
+        tmp_path, "train.learning_rate=["),
+    "a YAML file with a key given twice": duplicated_yaml_key,
+    "`run.name` with a path in it (`..`, `a/b`)": lambda tmp_path, caplog: cfg_with(tmp_path, "run.name=.."),
+    "`run.output_dir` that is a file": output_dir_is_a_file,
+    "a FIFO or device as the prompt file": fifo_prompt_file,
+    "LoRA targets that match no module (`train.lora_targets=[to_qq]`)": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "train.lora_targets=[to_qq]")),
+    "a user scorer that cannot be imported": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.no_such_module:Scorer")),
+    "a user scorer given arguments it does not take": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.user_scorers:MeanScorer", "scorer.kwargs={shift: 1}")),
+    "a user scorer that returns a list": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.user_scorers:ListScorer")),
+    "a user scorer that returns NaN": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.user_scorers:NaNScorer")),
+    "a temporary checkpoint folder left by a crash": stale_temporary_checkpoint,
     "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
     "more trainer ranks than rows per micro-batch": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "train.train_batch_size=2", "ray.num_trainers=4")),
 }
-LOGGED = {"blank lines in the prompt file", "over-long prompt"}  # handled, not refused
+LOGGED = {"blank lines in the prompt file", "over-long prompt",  # handled, not refused
+          "a temporary checkpoint folder left by a crash"}
 
 
 def test_the_table_and_the_scenarios_match() -> None:

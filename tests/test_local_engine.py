@@ -17,7 +17,7 @@ from spo_ray.checkpointing import latest_checkpoint, list_checkpoints, load_chec
 from spo_ray.components import load_model
 from spo_ray.config import load_config
 from spo_ray.export import LORA_WEIGHT_NAME
-from spo_ray.prompts import PromptFileError
+from spo_ray.preflight import InputError
 from spo_ray.tiny import ensure_tiny_pipeline
 from spo_ray.training import setup_policy
 
@@ -197,7 +197,7 @@ def test_missing_prompt_file_fails_before_loading_models(tmp_path: Path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("spo-ray: ") and "/nonexistent.txt" in err and "Traceback" not in err
     assert not (tmp_path / "tiny-sd15").exists()
-    with pytest.raises(PromptFileError, match="/nonexistent.txt"):  # the engine's own error, for library use
+    with pytest.raises(InputError, match="/nonexistent.txt"):  # the preflight's error, for library use
         local_engine.run_in_process(load_config("tiny-sd15", overrides=[
             f"run.output_dir={tmp_path}", "data.prompt_file=/nonexistent.txt"]))
 

@@ -25,6 +25,7 @@ from PIL import Image
 from spo_ray import cli
 from spo_ray.config import load_config
 from spo_ray.local_engine import run_in_process
+from spo_ray.preflight import InputError
 from spo_ray.rendering import image_grid, pair_strip
 from spo_ray.tracking import (
     MAX_PARAM_VALUE,
@@ -342,8 +343,9 @@ def test_unreachable_server_fails_fast_before_models_load(tmp_path, monkeypatch)
     uri = f"http://127.0.0.1:{_free_port()}"
     cfg = _cfg(tmp_path, f"tracking.tracking_uri={uri}")
     started = time.time()
-    with pytest.raises(TrackingError, match=f"{uri}.*unreachable"):
+    with pytest.raises(InputError, match=f"{uri}.*unreachable") as err:  # the preflight's, as on Ray
         run_in_process(cfg)
+    assert isinstance(err.value.__cause__, TrackingError)
     assert time.time() - started < 20
     assert not cfg.run_dir.exists()
 
