@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare tracked runs: a table, metric plots, a comparison run")
     compare.add_argument("--experiment", default=None, help="compare every training run of this MLflow experiment (default without --runs: spo-ray)")
     compare.add_argument("--runs", nargs="+", default=None, metavar="ID", help="MLflow run ids (added to --experiment's)")
-    compare.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="default: MLFLOW_TRACKING_URI, else the store of --output-dir")
+    compare.add_argument("--output-dir", default="runs", help="the runs' run.output_dir (its mlflow.db); default ./runs")
     compare.add_argument("--out", default=None, metavar="DIR", help="where the table and PNGs go (default ./compare-<time>)")
     compare.add_argument("--metrics", nargs="+", default=None, help="default: loss mean_score (eval/* always added)")
     evaluate = sub.add_parser("evaluate", help="evaluate base vs tuned models in the paper's format (on Ray)")
@@ -85,7 +87,7 @@ def compare_main(args: argparse.Namespace) -> int:
 
     try:
         result = compare_runs(
-            experiment=args.experiment, run_ids=args.runs, tracking_uri=args.tracking_uri,
+            experiment=args.experiment, run_ids=args.runs, tracking_uri=args.tracking_uri, output_dir=args.output_dir,
             out_dir=args.out, metrics=args.metrics,
         )
     except (CompareError, TrackingError) as err:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -304,22 +305,34 @@ def test_compare_two_thresholds(server, tracked, tmp_path, capsys) -> None:
     assert rc == 1 and "no-such-experiment" in capsys.readouterr().err
 
 
-def test_default_store_is_sqlite_in_the_run_dir(tmp_path, monkeypatch) -> None:
+def test_default_store_is_one_sqlite_per_output_dir(tmp_path, monkeypatch, capsys, caplog) -> None:
+    """Two runs with different names under one output directory land in one store: one `mlflow ui`
+    shows both, `spo-ray compare` with no URI compares both, and each run says how to open it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config("tiny-sd15", overrides=[
-        f"run.output_dir={tmp_path}", "run.progress=false", "run.max_rounds=1", "data.max_prompts=4",
-        "sampling.num_steps=8", "sampling.divert_start_step=2",
-    ])
-    summary = run_in_process(cfg)
-    db = cfg.run_dir / "mlflow.db"
-    assert summary["mlflow_tracking_uri"] == f"sqlite:///{db}" and db.is_file()
+    caplog.set_level(logging.INFO, logger="spo_ray")
+    summaries = []
+    for name in ("first", "second"):
+        cfg = load_config("tiny-sd15", overrides=[
+            f"run.output_dir={tmp_path}", f"run.name={name}", "run.progress=false", "run.max_rounds=1",
+            "data.max_prompts=4", "sampling.num_steps=8", "sampling.divert_start_step=2",
+        ])
+        summaries.append(run_in_process(cfg))
+    db = tmp_path / "mlflow.db"
+    assert all(s["mlflow_tracking_uri"] == f"sqlite:///{db}" for s in summaries) and db.is_file()
+    assert f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1" in caplog.text
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("spo-ray")
-    assert experiment.artifact_location == (cfg.run_dir / "mlartifacts").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI views
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
-    assert runs[0].data.tags["preset"] == "tiny-sd15"
-    assert (cfg.run_dir / "mlartifacts" / summary["mlflow_run_id"] / "artifacts" / "final").is_dir()
+    assert sorted(r.info.run_id for r in runs) == sorted(s["mlflow_run_id"] for s in summaries)
+    assert {r.data.tags["preset"] for r in runs} == {"tiny-sd15"}
+    summary = summaries[0]
+    assert (tmp_path / "mlartifacts" / summary["mlflow_run_id"] / "artifacts" / "final").is_dir()
+    monkeypatch.chdir(tmp_path.parent)
+    rc = cli.main(["compare", "--output-dir", str(tmp_path), "--out", str(tmp_path / "compare")])
+    table = capsys.readouterr().out
+    assert rc == 0 and "first" in table and "second" in table
 
     # `mlflow ui` on that database serves the run
     proc, uri = _serve(["ui", "--backend-store-uri", f"sqlite:///{db}"], tmp_path / "ui.log")
@@ -377,7 +390,7 @@ def test_disabled_tracker_is_a_no_op(tmp_path) -> None:
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_image(Image.new("RGB", (4, 4)), "x.png")
     tracker.end("FINISHED")
-    assert not (cfg.run_dir / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_names_and_params() -> None:
