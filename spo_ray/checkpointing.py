@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -40,6 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from spo_ray.accounting import Accounting
 from spo_ray.learner import TrainState, check_fits
+
+log = logging.getLogger(__name__)
 
 PREFIX = "round-"
 FORMAT = 2
@@ -156,8 +159,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep)
     return final
 
 
@@ -170,17 +172,51 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return stale
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed (None: its state reads and every file its manifest
+    lists is there with its size): checked by content, never by the folder's name."""
+    try:
+        read_progress(path)
+        shard_files(path, "weights")
+        shard_files(path, "optimizer")
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def _position(path: Path) -> int:
+    return read_progress(path).position
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
+    """Valid checkpoints, oldest first by the position their state records (a damaged or
+    incomplete one is skipped with a warning naming it; temporary folders are not candidates)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file())
+    valid = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            valid.append(path)
+        elif path.name.startswith(PREFIX):
+            log.warning("skipping %s: %s", path, problem)
+    return sorted(valid, key=lambda p: (_position(p), p.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The valid checkpoint with the latest position."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def prune(run_dir: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` checkpoints this run wrote: a folder named after the
+    position its state records (a renamed copy is the user's and stays)."""
+    own = [p for p in list_checkpoints(run_dir) if p.name == f"{PREFIX}{_position(p):07d}"]
+    for old in own[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return own[:-keep]
 
 
 def read_progress(path: str | Path) -> RunProgress:

@@ -165,16 +165,19 @@ def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:
 
 
 def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:
-    """The run's latest checkpoint (a resume) fits the model and the LoRA settings."""
-    found = latest_checkpoint(cfg.run_dir)
-    if found is None:
-        return
+    """The run's latest valid checkpoint (a resume) fits the model and the LoRA settings. Damaged
+    ones beside a valid one are skipped (with a warning); checkpoints that are all damaged are an
+    error, not a fresh start."""
     from safetensors import safe_open
 
-    from spo_ray.checkpointing import read_progress, shard_files
+    from spo_ray.checkpointing import PREFIX, checkpoint_dir, checkpoint_problem, shard_files
 
-    read_progress(found)  # format and fields
-    shard_files(found, "optimizer")  # listed and whole
+    found = latest_checkpoint(cfg.run_dir)
+    if found is None:
+        damaged = sorted(p for p in checkpoint_dir(cfg.run_dir).glob(f"{PREFIX}*") if p.is_dir())
+        if damaged:
+            raise ValueError(f"no usable checkpoint to resume {cfg.run.name} from: {checkpoint_problem(damaged[-1])}")
+        return
     shapes: dict[str, torch.Size] = {}
     for path in shard_files(found, "weights"):
         try:

@@ -168,6 +168,21 @@ def fifo_prompt_file(tmp_path, caplog):
     return preflight(cfg_with(tmp_path, f"data.prompt_file={tmp_path / 'prompts.txt'}"))
 
 
+def damaged_newest_checkpoint(tmp_path, caplog):
+    from spo_ray.checkpointing import RunProgress, latest_checkpoint, save_checkpoint, shard_file
+
+    cfg = cfg_with(tmp_path)
+    weights = lora_weights(rank=4)
+    for position in (1, 2):
+        newest = save_checkpoint(cfg.run_dir, RunProgress(position=position, policy_version=position),
+                                 weights=weights, optimizer={}, keep=3)
+    (newest / shard_file("weights", 0, 1)).write_bytes(b"damaged")
+    caplog.set_level(logging.WARNING)
+    preflight(cfg)
+    assert latest_checkpoint(cfg.run_dir).name == "round-0000001"
+    return caplog.text
+
+
 def stale_temporary_checkpoint(tmp_path, caplog):
     from spo_ray.local_engine import run_in_process
 
@@ -223,13 +238,14 @@ SCENARIOS: dict[str, Callable] = {
     "a user scorer that returns NaN": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "scorer.type=tests.user_scorers:NaNScorer")),
     "a temporary checkpoint folder left by a crash": stale_temporary_checkpoint,
+    "a damaged newest checkpoint beside valid ones": damaged_newest_checkpoint,
     "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
     "more trainer ranks than rows per micro-batch": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "train.train_batch_size=2", "ray.num_trainers=4")),
 }
 LOGGED = {"blank lines in the prompt file", "over-long prompt",  # handled, not refused
-          "a temporary checkpoint folder left by a crash"}
+          "a temporary checkpoint folder left by a crash", "a damaged newest checkpoint beside valid ones"}
 
 
 def test_the_table_and_the_scenarios_match() -> None:
