@@ -266,3 +266,41 @@ def load_trainable_weights(module: torch.nn.Module, weights: Mapping[str, torch.
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name].to(param.dtype))
+
+
+# Settings a resume may not change: they define the run's model, its pairs, its prompt plan and the
+# shape of what the checkpoint holds. Everything else (learning rate and the other optimizer
+# settings, max_rounds, epochs, batch sizes, checkpointing, tracking, resources) may change.
+FROZEN_ON_RESUME = ("model.", "sampling.", "data.", "scorer.type", "scorer.clip_dir", "scorer.checkpoint",
+                    "scorer.kwargs", "scorer.threshold", "scorer.dtype", "train.lora", "train.lora_rank",
+                    "train.lora_alpha", "train.lora_targets", "train.seed", "train.beta", "train.clip_eps")
+
+
+def resume_changes(cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ from the run's saved config.yaml when there is a checkpoint to resume
+    (dotted key -> (saved, now)); empty for a new run. Raises ValueError listing the changes a
+    resume may not make (FROZEN_ON_RESUME), before anything is written."""
+    import yaml
+
+    saved_file = cfg.run_dir / "config.yaml"
+    if latest_checkpoint(cfg.run_dir) is None or not saved_file.is_file():
+        return {}
+    saved, now = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(cfg.to_dict())
+    changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and k != "preset"}
+    frozen = [k for k in changes if k.startswith(FROZEN_ON_RESUME) or k == "run.name"]
+    if frozen:
+        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in frozen)
+        raise ValueError(f"run {cfg.run.name} has a checkpoint and these settings cannot change across a resume: "
+                         f"{listed} (start a new run.name for them)")
+    return changes
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm.auto import tqdm
 
 from spo_ray import telemetry
@@ -42,7 +41,7 @@ from spo_ray.export import export_policy
 from spo_ray.learner import NonFiniteError, checkpoint_shard, weights_finite
 from spo_ray.preflight import preflight
 from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_set
-from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record
+from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record, write_run_config
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.scoring import nonfinite_problem
 from spo_ray.tracking import RunTracker
@@ -74,7 +73,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(run_dir):
         log.warning("removed %s, an incomplete checkpoint of an earlier, interrupted run", stale)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_run_config(run_dir, cfg)  # after every check passed
 
     # Components: one UNet samples and trains (so no torch.compile), the VAE and scorer score.
     model = load_model(cfg, device)

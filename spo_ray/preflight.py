@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from spo_ray.checkpointing import latest_checkpoint
+from spo_ray.checkpointing import latest_checkpoint, resume_changes
 from spo_ray.components import fit_prompts_to_tokenizer, load_prompt_set
 from spo_ray.config import SPOConfig
 from spo_ray.learner import trainable_mismatch
@@ -50,6 +50,7 @@ def preflight(cfg: SPOConfig, *, ray: bool = True) -> PromptSet:
         check_scorer_checkpoint(cfg)
         check_user_scorer(cfg)
         check_resume_checkpoint(cfg, source)
+        check_resume_config(cfg)
         if cfg.tracking.enabled:
             check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails fast
     except (OSError, ValueError, CheckpointLoadError, TrackingError) as err:
@@ -162,6 +163,13 @@ def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:
         else:
             unet.requires_grad_(True)
     return {name: p.shape for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def check_resume_config(cfg: SPOConfig) -> None:
+    changes = resume_changes(cfg)
+    if changes:
+        log.info("resuming %s with changed settings: %s", cfg.run.name,
+                 "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
 
 def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:

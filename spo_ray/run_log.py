@@ -143,6 +143,20 @@ class RunLog:
         )
 
 
+def write_run_config(run_dir: Path, cfg: Any) -> None:
+    """config.yaml holds the run's current config; what a resume changed is appended to
+    config_history.jsonl (time and each changed setting, old and new). Written after the checks."""
+    import yaml
+
+    from spo_ray.checkpointing import resume_changes
+
+    changes = resume_changes(cfg)
+    if changes:
+        with (Path(run_dir) / "config_history.jsonl").open("a") as f:
+            f.write(json.dumps({"time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """INFO lines to stderr with time and module (every entry point and every Ray worker calls it;
     a second call changes nothing)."""

@@ -168,6 +168,37 @@ def fifo_prompt_file(tmp_path, caplog):
     return preflight(cfg_with(tmp_path, f"data.prompt_file={tmp_path / 'prompts.txt'}"))
 
 
+SHORT_RUN = ["data.max_prompts=4", "sampling.num_steps=8", "sampling.divert_start_step=2",
+             "run.checkpoint_every_rounds=1", "train.epochs=3"]
+
+
+def resume_with_a_frozen_change(tmp_path, caplog):
+    from spo_ray.local_engine import run_in_process
+
+    run_in_process(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=1"))
+    saved = (tmp_path / "tiny-sd15" / "config.yaml").read_text()
+    try:
+        preflight(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=2", "sampling.prompts_per_round=2"))
+    finally:
+        assert (tmp_path / "tiny-sd15" / "config.yaml").read_text() == saved  # nothing written
+
+
+def resume_with_a_new_learning_rate(tmp_path, caplog):
+    import json
+
+    from spo_ray.local_engine import run_in_process
+
+    run_in_process(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=1"))
+    caplog.set_level(logging.INFO, logger="spo_ray")
+    run_in_process(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=2", "train.learning_rate=0.005"))
+    run_dir = tmp_path / "tiny-sd15"
+    steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert {s["lr"] for s in steps if s["round"] == 0} == {0.02} and {s["lr"] for s in steps if s["round"] == 1} == {0.005}
+    history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["changes"]["train.learning_rate"] == [0.02, 0.005]
+    return caplog.text
+
+
 def damaged_newest_checkpoint(tmp_path, caplog):
     from spo_ray.checkpointing import RunProgress, latest_checkpoint, save_checkpoint, shard_file
 
@@ -239,13 +270,19 @@ SCENARIOS: dict[str, Callable] = {
         cfg_with(tmp_path, "scorer.type=tests.user_scorers:NaNScorer")),
     "a temporary checkpoint folder left by a crash": stale_temporary_checkpoint,
     "a damaged newest checkpoint beside valid ones": damaged_newest_checkpoint,
+    "a resume that changes a setting it may not (`sampling.prompts_per_round`, the model, the LoRA shape, the seed, "
+    "the prompts, ...)": resume_with_a_frozen_change,
+    "a resume that changes a setting it may (`train.learning_rate`, `run.max_rounds`, batch sizes, tracking, "
+    "resources)": resume_with_a_new_learning_rate,
     "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
     "more trainer ranks than rows per micro-batch": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "train.train_batch_size=2", "ray.num_trainers=4")),
 }
 LOGGED = {"blank lines in the prompt file", "over-long prompt",  # handled, not refused
-          "a temporary checkpoint folder left by a crash", "a damaged newest checkpoint beside valid ones"}
+          "a temporary checkpoint folder left by a crash", "a damaged newest checkpoint beside valid ones",
+          "a resume that changes a setting it may (`train.learning_rate`, `run.max_rounds`, batch sizes, tracking, "
+          "resources)"}
 
 
 def test_the_table_and_the_scenarios_match() -> None:

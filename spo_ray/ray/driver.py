@@ -13,7 +13,6 @@ from typing import Any
 
 import ray
 import ray.data
-import yaml
 
 from spo_ray import telemetry
 from spo_ray.accounting import Accounting
@@ -27,6 +26,7 @@ from spo_ray.ray.stream import build_pair_stream
 from spo_ray.ray.trainer import train_loop_per_worker
 from spo_ray.ray.workers import ValidationRenderer
 from spo_ray.rendering import validation_set
+from spo_ray.run_log import write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(run_dir):
         log.warning("removed %s, an incomplete checkpoint of an earlier, interrupted run", stale)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_run_config(run_dir, cfg)  # after every check passed
     connect_ray(cfg.ray.address)
     names = actor_names(cfg)
     for name in names.values():  # a previous attempt's coordinators (same run name) start over
