@@ -134,7 +134,7 @@ def run_command(kind: str, args: argparse.Namespace, engine: str = "ray") -> int
         print(json.dumps(result, indent=2, default=str))
     if result.get("stopped_by"):
         print(f"spo-ray: stopped: {result['stopped_by']}", file=sys.stderr)
-        return 3
+        return 130 if result.get("interrupted") else 3
     return 0 if not result.get("accounting_problems") else 1
 
 

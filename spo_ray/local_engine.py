@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,16 +61,43 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     # The tracking server is checked (and the MLflow run started or continued) before any model loads.
     tracker = RunTracker(cfg, engine="in-process", background=True)
     tracker.start(resume_run_id=read_progress(resumed).mlflow_run_id if resumed else None)
+    interrupt = GracefulInterrupt()  # Ctrl-C / SIGTERM: finish the round, checkpoint, stop
     try:
-        result = _run(cfg, tracker, prompt_set, device, resumed, started)
+        result = _run(cfg, tracker, prompt_set, device, resumed, started, interrupt)
     except BaseException as err:
         tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    tracker.end("FINISHED")
+    finally:
+        interrupt.restore()
+    tracker.end("KILLED" if interrupt.requested else "FINISHED")
     return result
 
 
-def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float) -> dict[str, Any]:
+class GracefulInterrupt:
+    """The first SIGINT or SIGTERM asks the run to stop after the current round (with a
+    checkpoint, so a resume continues exactly); a second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: stopping after this round, with a checkpoint (again to stop at once)", self.requested)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float,
+         interrupt: GracefulInterrupt) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(run_dir):
@@ -183,8 +212,13 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
             loss="-" if record["round_loss"] is None else f"{record['round_loss']:.4f}",
             score=f"{record['mean_score']:.2f}", lag=lag, pairs_s=f"{record['pairs_per_s']:.2f}",
         )
-        if cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0:
-            checkpoint()
+        due = cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0
+        if due or interrupt.requested:
+            path = checkpoint()
+        if interrupt.requested:
+            stopped_by = f"interrupted ({interrupt.requested}) after round {rnd.index}; checkpoint {path}"
+            log.warning("%s: resume with the same run.name", stopped_by)
+            break
     bar.close()
 
     final_dir = run_dir / "final"
@@ -204,6 +238,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         "accounting_problems": accounting.problems(),
         "seconds": time.time() - started,
         "stopped_by": stopped_by,
+        "interrupted": interrupt.requested,
         "telemetry": telemetry.summarize({role: {m.actor: m.snapshot()} for role, m in meters.items()}),
         "mlflow_run_id": tracker.run_id,
         "mlflow_tracking_uri": tracker.tracking_uri,
