@@ -180,9 +180,11 @@ def test_run_is_tracked(server, tracked, tmp_path) -> None:
     checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert checkpoints == {f"checkpoints/round-000000{r}{ext}" for r in (1, 2) for ext in ("", ".json")}
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints/round-0000002")}
-    assert {"weights.safetensors", "state.json", "optimizer.safetensors", "manifest.json"} <= files
+    assert {"weights-00000-of-00001.safetensors", "state.json", "optimizer-00000-of-00001.safetensors",
+            "manifest.json"} <= files
     manifest = json.loads(Path(client.download_artifacts(run_id, "checkpoints/round-0000002.json", str(tmp_path))).read_text())
-    assert manifest["path"].endswith("round-0000002") and len(manifest["files"]["weights.safetensors"]["sha256"]) == 64
+    shard = manifest["files"]["weights-00000-of-00001.safetensors"]
+    assert manifest["path"].endswith("round-0000002") and len(shard["sha256"]) == 64
     assert run.data.tags["checkpoint.latest"] == manifest["path"]
     assert {a.path for a in client.list_artifacts(run_id, "final")} == {"final/pytorch_lora_weights.safetensors"}
     assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(run_id)}
