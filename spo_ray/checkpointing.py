@@ -25,8 +25,10 @@ writes run in parallel (~0.5 s at 1 GB/s per rank to shared storage that keeps u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -39,6 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from spo_ray.accounting import Accounting
 from spo_ray.learner import TrainState, check_fits
+
+log = logging.getLogger(__name__)
 
 PREFIX = "round-"
 FORMAT = 2
@@ -132,9 +136,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / shard_file("weights", rank, world)))
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
-              str(tmp / shard_file("optimizer", rank, world)))
+    needed = sum(v.numel() * v.element_size() for v in weights.values()) + 4 * sum(v.numel() for v in optimizer.values())
+    try:
+        free = shutil.disk_usage(tmp).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  str(tmp / shard_file("weights", rank, world)))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
+                  str(tmp / shard_file("optimizer", rank, world)))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        what = "no space left on device" if err.errno == errno.ENOSPC else str(err)
+        raise CheckpointError(f"checkpoint {final} could not be written: {what} ({err.strerror or err}); "
+                              f"the previous checkpoint {previous or '(none)'} stays valid") from err
     barrier()
     if rank != 0:
         return None
@@ -143,22 +159,64 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep)
     return final
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Temporary checkpoint folders a crashed process left behind (a run starts with none)."""
+    root = checkpoint_dir(run_dir)
+    stale = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed (None: its state reads and every file its manifest
+    lists is there with its size): checked by content, never by the folder's name."""
+    try:
+        read_progress(path)
+        shard_files(path, "weights")
+        shard_files(path, "optimizer")
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def _position(path: Path) -> int:
+    return read_progress(path).position
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
+    """Valid checkpoints, oldest first by the position their state records (a damaged or
+    incomplete one is skipped with a warning naming it; temporary folders are not candidates)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file())
+    valid = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            valid.append(path)
+        elif path.name.startswith(PREFIX):
+            log.warning("skipping %s: %s", path, problem)
+    return sorted(valid, key=lambda p: (_position(p), p.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The valid checkpoint with the latest position."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def prune(run_dir: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` checkpoints this run wrote: a folder named after the
+    position its state records (a renamed copy is the user's and stays)."""
+    own = [p for p in list_checkpoints(run_dir) if p.name == f"{PREFIX}{_position(p):07d}"]
+    for old in own[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return own[:-keep]
 
 
 def read_progress(path: str | Path) -> RunProgress:
@@ -208,3 +266,41 @@ def load_trainable_weights(module: torch.nn.Module, weights: Mapping[str, torch.
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name].to(param.dtype))
+
+
+# Settings a resume may not change: they define the run's model, its pairs, its prompt plan and the
+# shape of what the checkpoint holds. Everything else (learning rate and the other optimizer
+# settings, max_rounds, epochs, batch sizes, checkpointing, tracking, resources) may change.
+FROZEN_ON_RESUME = ("model.", "sampling.", "data.", "scorer.type", "scorer.clip_dir", "scorer.checkpoint",
+                    "scorer.kwargs", "scorer.threshold", "scorer.dtype", "train.lora", "train.lora_rank",
+                    "train.lora_alpha", "train.lora_targets", "train.seed", "train.beta", "train.clip_eps")
+
+
+def resume_changes(cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ from the run's saved config.yaml when there is a checkpoint to resume
+    (dotted key -> (saved, now)); empty for a new run. Raises ValueError listing the changes a
+    resume may not make (FROZEN_ON_RESUME), before anything is written."""
+    import yaml
+
+    saved_file = cfg.run_dir / "config.yaml"
+    if latest_checkpoint(cfg.run_dir) is None or not saved_file.is_file():
+        return {}
+    saved, now = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(cfg.to_dict())
+    changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and k != "preset"}
+    frozen = [k for k in changes if k.startswith(FROZEN_ON_RESUME) or k == "run.name"]
+    if frozen:
+        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in frozen)
+        raise ValueError(f"run {cfg.run.name} has a checkpoint and these settings cannot change across a resume: "
+                         f"{listed} (start a new run.name for them)")
+    return changes
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

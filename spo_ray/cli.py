@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare tracked runs: a table, metric plots, a comparison run")
     compare.add_argument("--experiment", default=None, help="compare every training run of this MLflow experiment (default without --runs: spo-ray)")
     compare.add_argument("--runs", nargs="+", default=None, metavar="ID", help="MLflow run ids (added to --experiment's)")
-    compare.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="default: MLFLOW_TRACKING_URI, else the store of --output-dir")
+    compare.add_argument("--output-dir", default="runs", help="the runs' run.output_dir (its mlflow.db); default ./runs")
     compare.add_argument("--out", default=None, metavar="DIR", help="where the table and PNGs go (default ./compare-<time>)")
     compare.add_argument("--metrics", nargs="+", default=None, help="default: loss mean_score (eval/* always added)")
     evaluate = sub.add_parser("evaluate", help="evaluate base vs tuned models in the paper's format (on Ray)")
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="DDIM steps")
     bench.add_argument("--out", default="bench-out", metavar="DIR", help="bench.json and bench.md go here")
     bench.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    bench.add_argument("--scale", action="store_true",
+                       help="the Ray engine's per-unit costs at 1, 2, 4, 8 trainer ranks and samplers (tiny model), "
+                            "extrapolated to the cluster cases (instead of the engine comparison)")
     bench.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     return parser
 
@@ -57,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         return compare_main(args)
+    if args.command == "bench" and args.scale:
+        from spo_ray.bench.scale import ScaleOptions, run_scale
+
+        print(run_scale(ScaleOptions(rounds=args.rounds, out=args.out))["markdown"], end="")
+        return 0
     if args.command == "bench":
         from spo_ray.bench import BenchOptions, run_bench
 
@@ -77,7 +87,7 @@ def compare_main(args: argparse.Namespace) -> int:
 
     try:
         result = compare_runs(
-            experiment=args.experiment, run_ids=args.runs, tracking_uri=args.tracking_uri,
+            experiment=args.experiment, run_ids=args.runs, tracking_uri=args.tracking_uri, output_dir=args.output_dir,
             out_dir=args.out, metrics=args.metrics,
         )
     except (CompareError, TrackingError) as err:

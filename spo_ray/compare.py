@@ -191,6 +191,7 @@ def compare_runs(
     experiment: str | None = None,
     run_ids: list[str] | None = None,
     tracking_uri: str | None = None,
+    output_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     metrics: list[str] | None = None,
     log_to_mlflow: bool = True,
@@ -198,14 +199,17 @@ def compare_runs(
     """Fetch the runs, build the table and plots, and log them to a new comparison run."""
     from mlflow import MlflowClient
 
-    from spo_ray.tracking import check_reachable
+    from spo_ray.tracking import STORE_NAME, check_reachable, default_store
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise CompareError(
-            "no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI (a run without MLflow settings "
-            "logs to sqlite:///<run_dir>/mlflow.db)"
-        )
+        found = Path(output_dir or "runs") / STORE_NAME
+        if not found.is_file():
+            raise CompareError(
+                f"no tracking store: {found} does not exist (runs log to <run.output_dir>/{STORE_NAME} by default); "
+                "pass --output-dir, --tracking-uri or set MLFLOW_TRACKING_URI"
+            )
+        uri = default_store(found.parent)
     if not experiment and not run_ids:
         experiment = DEFAULT_EXPERIMENT
     check_reachable(uri)

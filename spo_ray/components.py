@@ -13,36 +13,31 @@ from typing import Any
 
 import torch
 
+from spo_ray import devices
 from spo_ray.config import SPOConfig
-from spo_ray.models import DiffusionModel, load_diffusion_model
+from spo_ray.model_loading import load_diffusion_model
+from spo_ray.models import DiffusionModel
 from spo_ray.prompts import PromptPlan, PromptSet, default_prompt_file, load_prompts, truncate_prompts
 from spo_ray.scorers import build_scorer
 from spo_ray.scoring import PoolScorer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 log = logging.getLogger("spo_ray")
 
 
-def resolve_device(cfg: SPOConfig) -> torch.device:
-    if cfg.run.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible to this process")
-    return torch.device(cfg.run.device)
+def resolve_device(cfg: Any) -> torch.device:
+    """The device of this process's role, from ``run.device`` (every config kind has it)."""
+    return devices.resolve_device(cfg.run.device)
 
 
-def resolve_dtype(cfg: SPOConfig, device: torch.device) -> torch.dtype:
-    """The diffusion model's dtype (UNet, VAE, text encoders): bf16 on GPU by default (a documented
-    deviation from the reference's fp16), fp32 on CPU. Not the scorer's: see :func:`scorer_dtype`."""
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[cfg.model.dtype]
+def resolve_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+    """The diffusion model's dtype (UNet, VAE, text encoders) from ``model.dtype``. Not the
+    scorer's: see :func:`scorer_dtype`."""
+    return devices.model_dtype(cfg.model.dtype, device)
 
 
 def scorer_dtype(cfg: SPOConfig) -> torch.dtype:
     """The preference model's dtype, on every device: fp32 by default, as the reference ran its SPM."""
-    return DTYPES[cfg.scorer.dtype]
+    return devices.torch_dtype(cfg.scorer.dtype)
 
 
 def load_model(cfg: SPOConfig, device: torch.device, components: tuple[str, ...] = ("unet", "vae", "text")) -> DiffusionModel:

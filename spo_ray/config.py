@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +60,9 @@ class ScorerConfig:
     checkpoint: str | None = None  # SPM state dict (.bin/.pt with weights_only, or .safetensors)
     threshold: float = 0.3  # keep a pair when softmax([s_w, s_l]) gap > threshold
     max_batch: int = 64  # images per scorer forward
+    # Pools with a non-finite score (or x0_hat) are dropped and counted; beyond this fraction of a
+    # round's pools the run stops with a checkpoint and a message saying where they came from.
+    max_nonfinite_fraction: float = 0.01
     # The SPM / CLIP scorer's weights and compute: fp32 as the reference ran its SPM, whatever the
     # model dtype; "bf16" / "fp16" trade keep decisions for speed (docs/fidelity.md measures it).
     dtype: str = "fp32"
@@ -212,11 +217,29 @@ def available_presets(kind: str = "spo") -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if preset_kind(p.stem) == kind)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not a silent overwrite."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -262,8 +285,12 @@ def _coerce_float(value: Any, annotation: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
-    """Set fields of dataclass ``obj`` from ``data``, recursing into nested dataclasses."""
+def _merge(obj: Any, data: dict[str, Any], prefix: str, problems: list[str] | None = None) -> None:
+    """Set fields of dataclass ``obj`` from ``data``, recursing into nested dataclasses. Problems
+    (unknown keys, wrong types, non-finite floats) go to ``problems`` when given, so that a loader
+    reports them all at once; without it the first one raises."""
+    collect = problems is not None
+    problems = problems if collect else []
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
@@ -271,26 +298,36 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
-            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+            problems.append(f"unknown config key '{dotted}'{hint}")
+            continue
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
-            _merge(current, value, dotted + ".")
+                problems.append(f"config key '{dotted}' must be a mapping, got {value!r}")
+            else:
+                _merge(current, value, dotted + ".", problems)
             continue
         annotation = hints[key]
         value = _coerce_float(value, annotation)
         if not _type_matches(value, annotation):
             type_name = getattr(annotation, "__name__", str(annotation))
-            raise ConfigError(f"config key '{dotted}' expects {type_name}, got {value!r}")
-        setattr(obj, key, value)
+            problems.append(f"config key '{dotted}' expects {type_name}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"config key '{dotted}' must be a finite number, got {value!r}")
+        else:
+            setattr(obj, key, value)
+    if problems and not collect:
+        raise ConfigError(problems[0])
 
 
 def _override_to_dict(override: str) -> dict[str, Any]:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like section.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{dotted.strip()}': the value {raw!r} is not valid YAML ({err.problem})") from err
     nested: dict[str, Any] = {}
     node = nested
     parts = dotted.strip().split(".")
@@ -315,6 +352,7 @@ def layer_config(
     """Merge into the config dataclass ``cfg``: the preset of ``kind`` (a name or a YAML path),
     then a YAML file, then dotted overrides; make ``run.output_dir`` absolute. An override of a
     mapping named in ``accumulate`` (``tuned.NAME=PATH``) adds one entry instead of replacing it."""
+    problems: list[str] = []
     if preset:
         path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
@@ -322,16 +360,25 @@ def layer_config(
             raise ConfigError(f"unknown {label}preset '{preset}' (available: {', '.join(available_presets(kind))})")
         if path.parent == PRESET_DIR and preset_kind(path.stem) != kind:
             raise ConfigError(f"preset '{preset}' is not for `{COMMANDS[kind]}`: it is for `{COMMANDS[preset_kind(path.stem)]}`")
-        _merge(cfg, _read_yaml(path), "")
+        _merge(cfg, _read_yaml(path), "", problems)
         cfg.preset = path.stem
     if config_file:
-        _merge(cfg, _read_yaml(Path(config_file)), "")
+        _merge(cfg, _read_yaml(Path(config_file)), "", problems)
     for override in overrides or []:
-        data = _override_to_dict(override)
+        try:
+            data = _override_to_dict(override)
+        except ConfigError as err:
+            problems.append(str(err))
+            continue
         (key,) = data
         if key in accumulate and isinstance(data[key], dict):
             data = {key: {**getattr(cfg, key), **data[key]}}
-        _merge(cfg, data, "")
+        scorer_before = getattr(getattr(cfg, "scorer", None), "type", None)
+        _merge(cfg, data, "", problems)
+        if scorer_before is not None and cfg.scorer.type != scorer_before and "kwargs" not in data.get("scorer", {}):
+            cfg.scorer.kwargs = {}  # another scorer: the preset's arguments (the brightness scale) do not carry over
+    if problems:  # every unknown key, bad type and unparsable value at once
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
     return cfg
 
@@ -362,14 +409,29 @@ def config_from_dict(data: dict[str, Any], *, validate: bool = True) -> SPOConfi
 # ----------------------------------------------------------------------------- validation
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def common_problems(cfg: Any) -> list[str]:
+    """What every config kind checks alike: the base model's kind, dtype and resolution, the run's
+    name (a plain directory name: no separators, no '.' or '..') and device."""
+    m, run = cfg.model, cfg.run
+    checks = [
+        (m.kind in ("sd15", "sdxl"), f"model.kind must be 'sd15' or 'sdxl', got {m.kind!r}"),
+        (m.dtype in ("auto", "fp32", "bf16", "fp16"), f"model.dtype must be auto/fp32/bf16/fp16, got {m.dtype!r}"),
+        (m.resolution is None or (m.resolution > 0 and m.resolution % 8 == 0),
+         f"model.resolution must be a positive multiple of 8, got {m.resolution}"),
+        (isinstance(run.name, str) and bool(_RUN_NAME.match(run.name)) and run.name not in (".", ".."),
+         f"run.name must be a plain name (letters, digits, '.', '_', '-'; not '.' or '..'), got {run.name!r}"),
+        (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {run.device!r}"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
 def validate_config(cfg: SPOConfig) -> None:
     """Raise ConfigError listing every impossible value (all at once, not one per run)."""
     s, t, sc, r = cfg.sampling, cfg.train, cfg.scorer, cfg.ray
     checks: list[tuple[bool, str]] = [
-        (cfg.model.kind in ("sd15", "sdxl"), f"model.kind must be 'sd15' or 'sdxl', got {cfg.model.kind!r}"),
-        (cfg.model.dtype in ("auto", "fp32", "bf16", "fp16"), f"model.dtype must be auto/fp32/bf16/fp16, got {cfg.model.dtype!r}"),
-        (cfg.model.resolution is None or (cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0),
-         f"model.resolution must be a positive multiple of 8, got {cfg.model.resolution}"),
         (s.num_steps >= 2, f"sampling.num_steps must be >= 2, got {s.num_steps}"),
         (s.eta > 0, f"sampling.eta must be > 0 (training needs a stochastic DDIM step), got {s.eta}"),
         (s.guidance_scale >= 1, f"sampling.guidance_scale must be >= 1, got {s.guidance_scale}"),
@@ -380,6 +442,8 @@ def validate_config(cfg: SPOConfig) -> None:
         (s.prompts_per_round >= 1, f"sampling.prompts_per_round must be >= 1, got {s.prompts_per_round}"),
         (0 <= sc.threshold < 1, f"scorer.threshold must be in [0, 1), got {sc.threshold}"),
         (sc.max_batch >= 1, f"scorer.max_batch must be >= 1, got {sc.max_batch}"),
+        (0 <= sc.max_nonfinite_fraction <= 1,
+         f"scorer.max_nonfinite_fraction must be in [0, 1], got {sc.max_nonfinite_fraction}"),
         (sc.dtype in ("fp32", "bf16", "fp16"), f"scorer.dtype must be fp32/bf16/fp16, got {sc.dtype!r}"),
         (sc.type in ("spm", "clip", "brightness") or ":" in sc.type,
          f"scorer.type must be spm, clip, brightness or 'package.module:Class', got {sc.type!r}"),
@@ -415,10 +479,8 @@ def validate_config(cfg: SPOConfig) -> None:
         (cfg.run.checkpoint_every_rounds >= 0, f"run.checkpoint_every_rounds must be >= 0, got {cfg.run.checkpoint_every_rounds}"),
         (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
         (cfg.run.max_rounds is None or cfg.run.max_rounds >= 1, f"run.max_rounds must be >= 1 or null, got {cfg.run.max_rounds}"),
-        (cfg.run.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {cfg.run.device!r}"),
-        (bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name must be a non-empty name without '/', got {cfg.run.name!r}"),
     ]
-    problems = [message for ok, message in checks if not ok]
+    problems = common_problems(cfg) + [message for ok, message in checks if not ok]
     for role in ("sampler", "scorer", "trainer", "renderer"):
         problems += getattr(r, role).problems(f"ray.{role}")
     if problems:

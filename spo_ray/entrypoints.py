@@ -6,8 +6,9 @@ the config of its kind, run it, and turn a user error into one line and exit sta
     jobs/train_spm.py:   sys.exit(job_main("spm", "spm-sd15"))
     spo-ray train / evaluate / train-spm  (spo_ray/cli.py)
 
-Config errors, bad inputs and an unusable tracking server are the user's to fix: they print
-``spo-ray: <what>`` and exit 2, before the cluster is asked for anything.
+Exit status: 0 done; 1 accounting problems; 2 a user error (config, inputs, checkpoint, tracking
+server: one line ``spo-ray: <what>``, before the cluster is asked for anything; the traceback with
+``--debug``); 3 stopped by non-finite values (after a checkpoint); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from typing import Any
 
 from spo_ray.config import ConfigError, available_presets
@@ -32,6 +34,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
     parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(available_presets(kind))}, or a YAML path")
     parser.add_argument("--config", default=None, help="a YAML file applied on top of the preset")
     parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {OVERRIDE_EXAMPLES[kind]}")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every input check (files, models, checkpoints, tracking server) and exit, "
+                             "without taking cluster resources")
+    parser.add_argument("--debug", action="store_true", help="the full traceback of a user error, too")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -80,15 +87,54 @@ def execute(kind: str, cfg: Any, engine: str = "ray") -> dict[str, Any]:
     return run_on_ray(cfg)
 
 
+def check(kind: str, cfg: Any, engine: str = "ray") -> None:
+    """Every check a run makes before it takes resources (``--dry-run``): inputs, models,
+    checkpoints, the tracking server and, on Ray, the round against the world size."""
+    if kind == "eval":
+        from spo_ray.evaluation.inputs import prepare_evaluation
+        from spo_ray.tracking import check_reachable, resolve_tracking_uri
+
+        prepare_evaluation(cfg)
+        if cfg.tracking.enabled:
+            check_reachable(resolve_tracking_uri(cfg))
+    elif kind == "spm":
+        from spo_ray.spm_training.data import inspect_splits
+
+        inspect_splits(cfg)
+    else:
+        from spo_ray.preflight import preflight
+
+        preflight(cfg, ray=engine == "ray")
+
+
 def run_command(kind: str, args: argparse.Namespace, engine: str = "ray") -> int:
-    """Load, run and report; a user error is one line on stderr and exit status 2."""
+    """Load, run and report; a user error is one line on stderr and exit status 2 (with
+    ``--debug`` its traceback too); Ctrl-C is exit status 130."""
+    import yaml
+
     try:
-        result = execute(kind, load(kind, args), engine)
+        cfg = load(kind, args)
+        if getattr(args, "print_config", False):
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        if getattr(args, "dry_run", False):
+            check(kind, cfg, engine)
+            log.info("dry run: every check passed for %s (%s); nothing was started", cfg.run.name, cfg.run_dir)
+            return 0
+        result = execute(kind, cfg, engine)
     except user_errors() as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"spo-ray: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("spo-ray: interrupted", file=sys.stderr)
+        return 130
     if kind != "eval":  # the evaluation prints its table itself
         print(json.dumps(result, indent=2, default=str))
+    if result.get("stopped_by"):
+        print(f"spo-ray: stopped: {result['stopped_by']}", file=sys.stderr)
+        return 130 if result.get("interrupted") else 3
     return 0 if not result.get("accounting_problems") else 1
 
 

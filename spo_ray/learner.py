@@ -132,6 +132,14 @@ def check_fits(named: Mapping[str, torch.nn.Parameter], weights: Mapping[str, to
         raise ValueError(f"checkpoint {source} does not fit the model (different LoRA rank/targets or base model?): {problem}")
 
 
+def weights_finite(named: Mapping[str, torch.Tensor]) -> None:
+    """Raise NonFiniteError naming the non-finite trainable tensors (checked before a publish)."""
+    bad = [name for name, w in named.items() if not bool(torch.isfinite(w.detach()).all())]
+    if bad:
+        raise NonFiniteError(f"{len(bad)} trainable tensor(s) are non-finite after an optimizer step "
+                             f"(e.g. {bad[0]}); the policy was not used further")
+
+
 def named_trainables(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 

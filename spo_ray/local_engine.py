@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm.auto import tqdm
 
 from spo_ray import telemetry
@@ -25,25 +26,26 @@ from spo_ray.checkpointing import (
     latest_checkpoint,
     load_checkpoint,
     read_progress,
+    remove_stale_temporaries,
     save_checkpoint,
     upload_due,
 )
 from spo_ray.components import (
     apply_fast_path,
     build_pool_scorer,
-    fit_prompts_to_tokenizer,
     last_round,
     load_model,
-    load_prompt_set,
     prompt_plan,
     resolve_device,
 )
 from spo_ray.config import SPOConfig
 from spo_ray.export import export_policy
-from spo_ray.learner import NonFiniteError, checkpoint_shard
+from spo_ray.learner import NonFiniteError, checkpoint_shard, weights_finite
+from spo_ray.preflight import preflight
 from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_set
-from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record
+from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record, write_run_config
 from spo_ray.sampling import CandidatePoolSampler
+from spo_ray.scoring import nonfinite_problem
 from spo_ray.tracking import RunTracker
 from spo_ray.training import LocalTrainer
 
@@ -53,30 +55,59 @@ log = logging.getLogger(__name__)
 def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     """Run SPO in this process; returns the run summary (also written to summary.json)."""
     started = time.time()
-    prompt_set = load_prompt_set(cfg)  # bad prompt files fail here, before any model loads
+    prompt_set = preflight(cfg, ray=False)  # every bad input fails here, as on Ray, before any model loads
     device = resolve_device(cfg)
     resumed = latest_checkpoint(cfg.run_dir)
     # The tracking server is checked (and the MLflow run started or continued) before any model loads.
     tracker = RunTracker(cfg, engine="in-process", background=True)
     tracker.start(resume_run_id=read_progress(resumed).mlflow_run_id if resumed else None)
+    interrupt = GracefulInterrupt()  # Ctrl-C / SIGTERM: finish the round, checkpoint, stop
     try:
-        result = _run(cfg, tracker, prompt_set, device, resumed, started)
+        result = _run(cfg, tracker, prompt_set, device, resumed, started, interrupt)
     except BaseException as err:
         tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    tracker.end("FINISHED")
+    finally:
+        interrupt.restore()
+    tracker.end("KILLED" if interrupt.requested else "FINISHED")
     return result
 
 
-def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float) -> dict[str, Any]:
+class GracefulInterrupt:
+    """The first SIGINT or SIGTERM asks the run to stop after the current round (with a
+    checkpoint, so a resume continues exactly); a second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: stopping after this round, with a checkpoint (again to stop at once)", self.requested)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float,
+         interrupt: GracefulInterrupt) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for stale in remove_stale_temporaries(run_dir):
+        log.warning("removed %s, an incomplete checkpoint of an earlier, interrupted run", stale)
+    write_run_config(run_dir, cfg)  # after every check passed
 
     # Components: one UNet samples and trains (so no torch.compile), the VAE and scorer score.
     model = load_model(cfg, device)
     apply_fast_path(model, cfg, device, inference_only=False)
-    prompts = fit_prompts_to_tokenizer(prompt_set, model.tokenizers[0]).prompts
+    prompts = prompt_set.prompts  # cut to the text encoder's context by the preflight
     plan = prompt_plan(cfg, len(prompts))
     trainer = LocalTrainer(model, cfg.train, cfg.sampling, device=device)
     learner, frozen_copy = trainer.learner, trainer.frozen_copy
@@ -130,11 +161,16 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         t_sampled = time.time()
         pairs, stats = pool_scorer(records)
         t_scored = time.time()
+        stopped_by = nonfinite_problem(rnd.index, stats.events, stats.nonfinite, cfg.scorer.max_nonfinite_fraction,
+                                       stats.nonfinite_latents)
+        if stopped_by:  # a checkpoint before this round: a resume redoes it (after the cause is fixed)
+            checkpoint()
+            break
         try:
             steps = trainer.train_round(pairs, epoch=rnd.epoch, round_index=rnd.index)
-        except NonFiniteError as err:
+            weights_finite(learner.trainables())
+        except NonFiniteError as err:  # no checkpoint: the round's weights are partly trained
             stopped_by = str(err)
-            checkpoint()
             break
         t_trained = time.time()
 
@@ -147,6 +183,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         meters["trainer"].record(t_scored, t_trained, optimizer_steps=len(steps), pairs_trained=num_pairs)
         progress.accounting.add(
             prompts=len(rnd.prompt_ids), scoring_events=stats.events, kept=stats.kept, rejected=stats.rejected,
+            dropped_nonfinite=stats.nonfinite,
             trained=num_pairs, transitions_trained=transitions, optimizer_steps=len(steps),
             skipped_steps=sum(s.skipped for s in steps),
         )
@@ -175,8 +212,13 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
             loss="-" if record["round_loss"] is None else f"{record['round_loss']:.4f}",
             score=f"{record['mean_score']:.2f}", lag=lag, pairs_s=f"{record['pairs_per_s']:.2f}",
         )
-        if cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0:
-            checkpoint()
+        due = cfg.run.checkpoint_every_rounds and (rnd.index + 1) % cfg.run.checkpoint_every_rounds == 0
+        if due or interrupt.requested:
+            path = checkpoint()
+        if interrupt.requested:
+            stopped_by = f"interrupted ({interrupt.requested}) after round {rnd.index}; checkpoint {path}"
+            log.warning("%s: resume with the same run.name", stopped_by)
+            break
     bar.close()
 
     final_dir = run_dir / "final"
@@ -196,6 +238,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         "accounting_problems": accounting.problems(),
         "seconds": time.time() - started,
         "stopped_by": stopped_by,
+        "interrupted": interrupt.requested,
         "telemetry": telemetry.summarize({role: {m.actor: m.snapshot()} for role, m in meters.items()}),
         "mlflow_run_id": tracker.run_id,
         "mlflow_tracking_uri": tracker.tracking_uri,
@@ -204,5 +247,5 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     tracker.log_artifact(run_dir / "summary.json")
     log.info("accounting: %s", accounting.summary())
     if stopped_by:
-        raise NonFiniteError(stopped_by)
+        log.error("%s; the checkpoint %s holds the state before it", stopped_by, latest_checkpoint(run_dir))
     return result

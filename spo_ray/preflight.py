@@ -10,12 +10,13 @@ the meta device and checkpoints are read for their key names and shapes only.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spo_ray.checkpointing import latest_checkpoint
+from spo_ray.checkpointing import latest_checkpoint, resume_changes
 from spo_ray.components import fit_prompts_to_tokenizer, load_prompt_set
 from spo_ray.config import SPOConfig
 from spo_ray.learner import trainable_mismatch
@@ -28,7 +29,7 @@ class InputError(ValueError):
     """Something the user gave is unusable; the message names it and what is wrong."""
 
 
-def preflight(cfg: SPOConfig) -> PromptSet:
+def preflight(cfg: SPOConfig, *, ray: bool = True) -> PromptSet:
     """Validate the run's inputs; returns the prompt set, cut to the text encoder's context.
 
     Raises :class:`InputError` (with the underlying error chained) for any bad input.
@@ -37,14 +38,19 @@ def preflight(cfg: SPOConfig) -> PromptSet:
     from spo_ray.tracking import TrackingError, check_reachable, resolve_tracking_uri
 
     try:
-        check_world(cfg)
+        if ray:  # the in-process engine has no samplers or trainer ranks to check
+            check_world(cfg)
         prompt_set = load_prompt_set(cfg)  # missing / empty / undecodable file
         if prompt_set.blank_lines_skipped:
             log.warning("%d blank line(s) in %s skipped", prompt_set.blank_lines_skipped, prompt_set.source)
+        check_output_dir(cfg)
         source = check_model_files(cfg)
+        _meta_policy_shapes(cfg, source)  # LoRA targets that match nothing fail here
         prompt_set = fit_prompts_to_tokenizer(prompt_set, load_tokenizer(source))
         check_scorer_checkpoint(cfg)
+        check_user_scorer(cfg)
         check_resume_checkpoint(cfg, source)
+        check_resume_config(cfg)
         if cfg.tracking.enabled:
             check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails fast
     except (OSError, ValueError, CheckpointLoadError, TrackingError) as err:
@@ -74,9 +80,20 @@ def check_world(cfg: SPOConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
+def check_output_dir(cfg: SPOConfig) -> None:
+    """``run.output_dir`` is a directory (or can be one) that this process can write."""
+    out = Path(cfg.run.output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"run.output_dir={out}: {existing} exists and is not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"run.output_dir={out}: {existing} is not writable by this user")
+
+
 def check_model_files(cfg: SPOConfig) -> str:
     """The base model's directory holds every component the roles load (config and weights)."""
-    from spo_ray.models import COMPONENTS, _resolve_source, check_local_layout, resolve_pretrained
+    from spo_ray.model_loading import _resolve_source, check_local_layout, resolve_pretrained
+    from spo_ray.models import COMPONENTS
 
     source, is_local = resolve_pretrained(cfg.model.pretrained, cfg.model.kind)
     if cfg.model.vae is not None:
@@ -115,6 +132,24 @@ def check_scorer_checkpoint(cfg: SPOConfig) -> None:
         raise CheckpointLoadError(f"checkpoint {cfg.scorer.checkpoint} does not match the model: " + "; ".join(problems))
 
 
+def check_user_scorer(cfg: SPOConfig) -> None:
+    """A user scorer (``scorer.type=package.module:Class``) imports, takes its ``scorer.kwargs``
+    and scores two small images as a [2] tensor of finite floats, before any resource is taken."""
+    if ":" not in cfg.scorer.type:
+        return
+    from spo_ray.scorers import build_scorer
+    from spo_ray.scoring import check_scores
+
+    images = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    try:  # the user's code may raise anything: each is the user's to fix, named as such
+        scorer = build_scorer(cfg.scorer.type, device="cpu", **cfg.scorer.kwargs)
+        scores = check_scores(scorer.score(images, ["a red apple", "a blue car"], torch.tensor([0, 500])), 2, scorer)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"scorer.type={cfg.scorer.type}: {err}") from err
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"scorer.type={cfg.scorer.type} returned non-finite scores {scores.tolist()} for two test images")
+
+
 def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:
     from diffusers import UNet2DConditionModel
 
@@ -130,17 +165,27 @@ def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in unet.named_parameters() if p.requires_grad}
 
 
+def check_resume_config(cfg: SPOConfig) -> None:
+    changes = resume_changes(cfg)
+    if changes:
+        log.info("resuming %s with changed settings: %s", cfg.run.name,
+                 "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+
+
 def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:
-    """The run's latest checkpoint (a resume) fits the model and the LoRA settings."""
-    found = latest_checkpoint(cfg.run_dir)
-    if found is None:
-        return
+    """The run's latest valid checkpoint (a resume) fits the model and the LoRA settings. Damaged
+    ones beside a valid one are skipped (with a warning); checkpoints that are all damaged are an
+    error, not a fresh start."""
     from safetensors import safe_open
 
-    from spo_ray.checkpointing import read_progress, shard_files
+    from spo_ray.checkpointing import PREFIX, checkpoint_dir, checkpoint_problem, shard_files
 
-    read_progress(found)  # format and fields
-    shard_files(found, "optimizer")  # listed and whole
+    found = latest_checkpoint(cfg.run_dir)
+    if found is None:
+        damaged = sorted(p for p in checkpoint_dir(cfg.run_dir).glob(f"{PREFIX}*") if p.is_dir())
+        if damaged:
+            raise ValueError(f"no usable checkpoint to resume {cfg.run.name} from: {checkpoint_problem(damaged[-1])}")
+        return
     shapes: dict[str, torch.Size] = {}
     for path in shard_files(found, "weights"):
         try:

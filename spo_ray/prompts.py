@@ -89,6 +89,8 @@ def load_prompts(
         raise PromptFileError(f"prompt file not found: {p}")
     if p.is_dir():
         raise PromptFileError(f"prompt file {p} is a directory, expected a file")
+    if not p.is_file():  # a FIFO or a device would block the read or never end
+        raise PromptFileError(f"prompt file {p} is not a regular file (a pipe or a device?)")
     suffix = p.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise PromptFileError(

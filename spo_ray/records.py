@@ -13,8 +13,8 @@ Pair records (scorer -> trainer), one row per kept pair:
     score_win, score_lose, score_t, cond_*
 Conditioning travels once per row (per prompt / per pair), never per candidate.
 The latents that enter the log-prob (x_t, chains; x_t, win, lose) are float32 whatever the model
-dtype; x0_hat and cond_* are in the model's dtype in torch batches (numpy has no bfloat16, so
-:func:`to_numpy` upcasts those to float32).
+dtype; x0_hat and cond_* are in the model's dtype, in torch batches and on the wire (numpy has no
+bfloat16: :func:`to_numpy` carries bf16 as its bits, exactly).
 
 In one process the batches are dicts of torch tensors (and a list of prompt strings); between
 Ray actors they are dicts of numpy arrays; at rest (tests, debugging dumps) an Arrow table
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bf16 columns as their bits (``<name>__bf16``)
 STRING_COLUMNS = ("prompt",)
 TRAJECTORY_COLUMNS = (
     "prompt_id", "prompt", "epoch", "round", "policy_version", "seg_start", "seg_len", "seg_timesteps",
@@ -46,13 +46,20 @@ def num_rows(batch: dict[str, Any]) -> int:
     return len(batch["prompt_id"])
 
 
+BF16_SUFFIX = "__bf16"  # numpy has no bfloat16: such a column travels as its 16-bit pattern, under this name
+
+
 def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Torch batch -> numpy batch (what Ray Data carries); bf16 becomes float32."""
+    """Torch batch -> numpy batch (what Ray Data carries). Every tensor keeps its dtype: a bf16
+    column travels as its bits (int16) under ``<name>__bf16``, never upcast (half the bytes, exact)."""
     out: dict[str, np.ndarray] = {}
     for key, value in batch.items():
         if torch.is_tensor(value):
             value = value.detach().cpu()
-            out[key] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+            if value.dtype == torch.bfloat16:
+                out[key + BF16_SUFFIX] = value.contiguous().view(torch.int16).numpy()
+            else:
+                out[key] = value.numpy()
         elif key in STRING_COLUMNS:
             out[key] = np.asarray(list(value), dtype=object)
         else:
@@ -61,15 +68,18 @@ def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Numpy batch -> torch batch (string columns become lists)."""
+    """Numpy batch -> torch batch (string columns become lists, ``__bf16`` columns bf16 again)."""
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if key in STRING_COLUMNS:
             out[key] = [str(v) for v in value]
+            continue
+        value = np.ascontiguousarray(value)
+        if not value.flags.writeable:  # Ray hands out read-only zero-copy arrays
+            value = value.copy()
+        if key.endswith(BF16_SUFFIX):
+            out[key.removesuffix(BF16_SUFFIX)] = torch.from_numpy(value).view(torch.bfloat16)
         else:
-            value = np.ascontiguousarray(value)
-            if not value.flags.writeable:  # Ray hands out read-only zero-copy arrays
-                value = value.copy()
             out[key] = torch.from_numpy(value)
     return out
 

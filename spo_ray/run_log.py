@@ -38,6 +38,7 @@ class RoundScores:
     events: int = 0
     kept: int = 0
     rejected: int = 0
+    nonfinite: int = 0
     score_sum: float = 0.0
     images: int = 0
     buckets: dict[str, tuple[int, int]] = field(default_factory=dict)  # timestep bucket -> (events, kept)
@@ -46,7 +47,7 @@ class RoundScores:
     def from_stats(cls, stats: Any) -> RoundScores:
         """From a round's ``scoring.ScoringStats`` (the in-process engine scores a round at once)."""
         buckets = {b: (n, stats.kept_by_bucket.get(b, 0)) for b, n in stats.events_by_bucket.items()}
-        return cls(stats.events, stats.kept, stats.rejected, stats.score_sum, stats.images, buckets)
+        return cls(stats.events, stats.kept, stats.rejected, stats.nonfinite, stats.score_sum, stats.images, buckets)
 
 
 def round_record(
@@ -69,6 +70,7 @@ def round_record(
     record: dict[str, Any] = {
         "kind": "round", "time": time.time(), "round": round_index, "epoch": epoch, "prompts": prompts,
         "policy_lag": policy_lag, "scoring_events": scores.events, "kept": scores.kept, "rejected": scores.rejected,
+        "nonfinite": scores.nonfinite,
         "kept_fraction": scores.kept / max(scores.events, 1),
         "mean_score": scores.score_sum / max(scores.images, 1),
         "pairs": len(pair_ids), "transitions": transitions,
@@ -139,6 +141,20 @@ class RunLog:
             record["accounting/rejected"], record["accounting/optimizer_steps"],
             "-" if loss is None or not math.isfinite(loss) else f"{loss:.4f}", record["policy_lag"], record["pairs_per_s"],
         )
+
+
+def write_run_config(run_dir: Path, cfg: Any) -> None:
+    """config.yaml holds the run's current config; what a resume changed is appended to
+    config_history.jsonl (time and each changed setting, old and new). Written after the checks."""
+    import yaml
+
+    from spo_ray.checkpointing import resume_changes
+
+    changes = resume_changes(cfg)
+    if changes:
+        with (Path(run_dir) / "config_history.jsonl").open("a") as f:
+            f.write(json.dumps({"time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def configure_logging(level: int = logging.INFO) -> None:

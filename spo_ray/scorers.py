@@ -12,6 +12,7 @@ cosine, so the 0.3 / 0.4 softmax-gap pair thresholds are meaningful). Implementa
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -19,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .devices import torch_dtype
 from .spm import (
     StepAwarePreferenceModel,
     _pooled,
@@ -28,7 +30,6 @@ from .spm import (
     preprocess_images,
     read_state_dict,
     resolve_clip_dir,
-    resolve_dtype,
 )
 
 __all__ = [
@@ -99,7 +100,7 @@ class _ClipFamilyScorer:
         # tokenizer / preprocessor config, point processor_dir at the one that has them.
         self.processor_dir = resolve_clip_dir(processor_dir) if processor_dir is not None else self.clip_dir
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.max_batch = int(max_batch)
         self.antialias = bool(antialias)
         self.tokenizer = load_clip_processor(self.processor_dir)
@@ -268,6 +269,25 @@ def _import_object(path: str) -> Any:
     return obj
 
 
+def _parameters(factory: Any) -> list[str]:
+    try:
+        return [n for n, p in inspect.signature(factory).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return []
+
+
+def _unexpected_kwargs(factory: Any, kwargs: dict[str, Any]) -> set[str]:
+    """The keyword arguments ``factory`` does not declare (none when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return set()
+    return set(kwargs) - set(_parameters(factory))
+
+
 def build_scorer(
     kind: str,
     *,
@@ -295,6 +315,10 @@ def build_scorer(
         factory = _import_object(kind)
         if not callable(factory):
             raise TypeError(f"scorer {kind!r} is not callable (got {type(factory).__name__})")
+        unexpected = _unexpected_kwargs(factory, kwargs)
+        if unexpected:
+            raise TypeError(f"scorer {kind!r} does not take {', '.join(sorted(unexpected))} (from scorer.kwargs); "
+                            f"it takes: {', '.join(_parameters(factory)) or 'nothing'}")
         scorer = factory(**kwargs)
         if not callable(getattr(scorer, "score", None)):
             raise TypeError(
@@ -368,7 +392,7 @@ class AestheticScorer:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.clip_dir = resolve_clip_dir(clip_dir)
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.max_batch = int(max_batch)
         self.image_mean, self.image_std = load_image_normalization(self.clip_dir)
         clip = CLIPModel.from_pretrained(str(self.clip_dir), local_files_only=True)

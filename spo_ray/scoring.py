@@ -35,11 +35,13 @@ def timestep_bucket(t: int) -> str:
 
 @dataclass
 class ScoringStats:
-    """Counts for one scored batch; ``events = kept + rejected`` always."""
+    """Counts for one scored batch; ``events = kept + rejected + nonfinite`` always."""
 
     events: int = 0
     kept: int = 0
     rejected: int = 0
+    nonfinite: int = 0  # pools dropped because a candidate's score was not finite
+    nonfinite_latents: int = 0  # of those, pools whose x0_hat was already non-finite (the sampler's)
     score_sum: float = 0.0  # over all scored candidates
     images: int = 0
     events_by_bucket: dict[str, int] = field(default_factory=dict)
@@ -47,6 +49,7 @@ class ScoringStats:
     # Per input row (prompt): pools kept, and (events, kept) per timestep bucket. The Ray engine
     # reports these per prompt so that redone work is counted once.
     kept_per_row: list[int] = field(default_factory=list)
+    nonfinite_per_row: list[int] = field(default_factory=list)
     score_sum_per_row: list[float] = field(default_factory=list)  # over the row's k * S candidates
     buckets_per_row: list[dict[str, tuple[int, int]]] = field(default_factory=list)
 
@@ -54,6 +57,8 @@ class ScoringStats:
         self.events += other.events
         self.kept += other.kept
         self.rejected += other.rejected
+        self.nonfinite += other.nonfinite
+        self.nonfinite_latents += other.nonfinite_latents
         self.score_sum += other.score_sum
         self.images += other.images
         for mine, theirs in ((self.events_by_bucket, other.events_by_bucket), (self.kept_by_bucket, other.kept_by_bucket)):
@@ -63,6 +68,30 @@ class ScoringStats:
     @property
     def mean_score(self) -> float:
         return self.score_sum / max(self.images, 1)
+
+
+def nonfinite_problem(round_index: int, events: int, nonfinite: int, max_fraction: float,
+                      from_latents: int | None = None) -> str | None:
+    """The message that stops a run when more than ``max_fraction`` of a round's pools had a
+    non-finite score (None otherwise)."""
+    if nonfinite <= max_fraction * events:
+        return None
+    where = "" if from_latents is None else (
+        f": {from_latents} of them from the sampler (non-finite x0_hat), {nonfinite - from_latents} from the scorer")
+    return (f"round {round_index}: {nonfinite} of {events} scored pools had non-finite scores{where} "
+            f"(scorer.max_nonfinite_fraction={max_fraction}); stopping")
+
+
+def check_scores(scores: object, n: int, scorer: object) -> torch.Tensor:
+    """A scorer's output as float32 on the CPU, or a clear error naming the scorer: it must be a
+    tensor of shape [N] (one score per image; non-finite values are counted by the caller)."""
+    name = type(scorer).__name__
+    if not torch.is_tensor(scores):
+        raise TypeError(f"scorer {name}.score returned a {type(scores).__name__}; expected a torch tensor of shape [{n}]")
+    if tuple(scores.shape) != (n,) or not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"scorer {name}.score returned a {scores.dtype} tensor of shape {tuple(scores.shape)}; "
+                         f"expected one float per image, shape [{n}]")
+    return scores.detach().float().cpu()
 
 
 class PoolScorer:
@@ -92,7 +121,7 @@ class PoolScorer:
         for lo in range(0, latents.shape[0], self.max_batch):
             images = self.decode(latents[lo : lo + self.max_batch], clamp=False)
             chunk = self.scorer.score(images, prompts[lo : lo + self.max_batch], timesteps[lo : lo + self.max_batch])
-            scores.append(chunk.detach().float().cpu())
+            scores.append(check_scores(chunk, images.shape[0], self.scorer))
         return torch.cat(scores) if scores else torch.zeros(0)
 
     def __call__(self, records: dict[str, object]) -> tuple[dict[str, object], ScoringStats]:
@@ -103,15 +132,22 @@ class PoolScorer:
         timesteps = score_t.unsqueeze(-1).expand(batch, num_segments, k).reshape(-1)
         scores = self.score_images(x0_hat.reshape(-1, *x0_hat.shape[3:]), prompts, timesteps)
         scores = scores.view(batch, num_segments, k)
-        win, lose, keep = select_pair(scores.reshape(-1, k).T, self.threshold)
+        # A pool with a non-finite score is dropped as such (counted apart, never a pair): its
+        # candidates are wasted, but a NaN never decides which one wins.
+        finite = torch.isfinite(scores).all(-1)
+        latents_finite = torch.isfinite(x0_hat).flatten(2).all(-1)  # [B, S]: the sampler's x0_hat
+        win, lose, keep = select_pair(scores.nan_to_num(0.0, 0.0, 0.0).reshape(-1, k).T, self.threshold)
         win, lose, keep = win.view(batch, num_segments), lose.view(batch, num_segments), keep.view(batch, num_segments)
-
+        keep = keep & finite
+        good = scores[finite]
         stats = ScoringStats(
             events=batch * num_segments,
             kept=int(keep.sum()),
-            rejected=int((~keep).sum()),
-            score_sum=float(scores.sum()),
-            images=scores.numel(),
+            rejected=int((~keep & finite).sum()),
+            nonfinite=int((~finite).sum()),
+            nonfinite_latents=int((~finite & ~latents_finite).sum()),
+            score_sum=float(good.sum()),
+            images=good.numel(),
         )
         for b in range(batch):
             row: dict[str, tuple[int, int]] = {}
@@ -122,7 +158,8 @@ class PoolScorer:
                 stats.events_by_bucket[bucket] = stats.events_by_bucket.get(bucket, 0) + 1
                 stats.kept_by_bucket[bucket] = stats.kept_by_bucket.get(bucket, 0) + int(keep[b, s])
             stats.kept_per_row.append(int(keep[b].sum()))
-            stats.score_sum_per_row.append(float(scores[b].sum()))
+            stats.nonfinite_per_row.append(int((~finite[b]).sum()))
+            stats.score_sum_per_row.append(float(scores[b][finite[b]].sum()))
             stats.buckets_per_row.append(row)
 
         rows_b, rows_s = keep.nonzero(as_tuple=True)

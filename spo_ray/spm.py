@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import torch_dtype
 from .tiny import ensure_tiny_clip
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "preprocess_images",
     "read_state_dict",
     "resolve_clip_dir",
-    "resolve_dtype",
     "timestep_embedding",
 ]
 
@@ -227,25 +227,6 @@ def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """Accept ``torch.bfloat16`` or config strings like ``"bf16"`` / ``"bfloat16"`` / ``"torch.float16"``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.").lower()
-    aliases = {
-        "fp32": "float32",
-        "fp16": "float16",
-        "half": "float16",
-        "bf16": "bfloat16",
-        "float": "float32",
-    }
-    name = aliases.get(name, name)
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return dt
-
-
 def resolve_clip_dir(clip_dir: str | os.PathLike) -> Path:
     """Map ``"tiny"`` to the cached tiny CLIP (built on first use); otherwise require an existing local dir."""
     if str(clip_dir) == "tiny":
@@ -404,7 +385,7 @@ class StepAwarePreferenceModel(nn.Module):
         spm = cls.from_clip(clip)
         if checkpoint is not None:
             load_state_dict_strict(spm, read_state_dict(checkpoint), source=str(checkpoint))
-        spm = spm.to(device=torch.device(device), dtype=resolve_dtype(dtype))
+        spm = spm.to(device=torch.device(device), dtype=torch_dtype(dtype))
         return spm.eval()
 
     # ---- saving -------------------------------------------------------------------------------------------

@@ -105,8 +105,13 @@ def payload_bytes(batch: dict[str, Any]) -> int:
     return total
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    """A tensor's or array's shape (``np.shape`` would convert a bf16 tensor, which numpy cannot hold)."""
+    return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+
+
 def _cond_elements(batch: dict[str, Any]) -> int:
-    return sum(int(np.prod(np.shape(v))) for k, v in batch.items() if k.startswith("cond_"))
+    return sum(int(np.prod(_shape(v))) for k, v in batch.items() if k.startswith("cond_"))
 
 
 LATENT_ITEMSIZE = 4  # the trajectory tensors that enter the log-prob are float32 whatever the model dtype
@@ -116,8 +121,8 @@ def trajectory_min_bytes(rec: dict[str, Any], itemsize: int) -> int:
     """Sampler -> scorer minimum: per segment x_t and each candidate's states (k x seg_len) in
     float32, each candidate's x0_hat and the conditioning (once per prompt) at the model's
     ``itemsize`` bytes per element."""
-    chw = int(np.prod(np.shape(rec["x_t"])[2:]))
-    k = int(np.shape(rec["x0_hat"])[2])
+    chw = int(np.prod(_shape(rec["x_t"])[2:]))
+    k = int(_shape(rec["x0_hat"])[2])
     seg_len = np.asarray(rec["seg_len"]).astype(np.int64)  # [B, S]
     latents = int((1 + k * seg_len).sum()) * chw * LATENT_ITEMSIZE
     return latents + seg_len.size * k * chw * itemsize + _cond_elements(rec) * itemsize
@@ -128,7 +133,7 @@ def pair_min_bytes(pairs: dict[str, Any], itemsize: int) -> int:
     float32, and the conditioning at the model's ``itemsize``."""
     if len(pairs.get("pair_id", ())) == 0:
         return 0
-    chw = int(np.prod(np.shape(pairs["x_t"])[1:]))
+    chw = int(np.prod(_shape(pairs["x_t"])[1:]))
     seg_len = np.asarray(pairs["seg_len"]).astype(np.int64)
     return int((1 + 2 * seg_len).sum()) * chw * LATENT_ITEMSIZE + _cond_elements(pairs) * itemsize
 

@@ -51,13 +51,31 @@ class TrackingError(RuntimeError):
 # ----------------------------------------------------------------------------- helpers
 
 
+STORE_NAME = "mlflow.db"
+# Tells MLflow's UI these are model-training experiments (not its GenAI views of traces and evaluations).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def default_store(output_dir: str | Path) -> str:
+    """The SQLite store every run under one output directory shares (so one ``mlflow ui`` and one
+    ``spo-ray compare`` see them all)."""
+    return f"sqlite:///{(Path(output_dir) / STORE_NAME).resolve()}"
+
+
 def resolve_tracking_uri(cfg: SPOConfig) -> str:
-    """``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else SQLite in the run directory."""
+    """``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else SQLite in ``run.output_dir``."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(cfg.run_dir / 'mlflow.db').resolve()}"
+    return default_store(cfg.run.output_dir)
+
+
+def ui_command(uri: str) -> str:
+    """The command that shows a run's store in the browser."""
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -229,13 +247,16 @@ class RunTracker:
             # ./mlruns in the working directory, which a Ray job deletes afterwards).
             location = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
             except Exception:  # noqa: BLE001 - created concurrently by another run
                 experiment = self.client.get_experiment_by_name(name)
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
 
     def _open_run(self, resume_run_id: str | None) -> None:
@@ -461,3 +482,4 @@ class RunTracker:
         self._ended = False  # closing the run is worth one more try even after failures
         self._call("set_terminated", lambda: self.client.set_terminated(self._run_id, status=status))
         self._ended = True
+        log.info("MLflow run %s (%s); to see it: %s", self._run_id, status, ui_command(self.tracking_uri))

@@ -150,6 +150,83 @@ def checkpoint_without_optimizer_state(tmp_path, caplog):
     return preflight(cfg_with(tmp_path))
 
 
+def duplicated_yaml_key(tmp_path, caplog):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 2\ntrain:\n  seed: 3\n")
+    return load_config("tiny-sd15", config_file=path, overrides=[f"run.output_dir={tmp_path}"])
+
+
+def output_dir_is_a_file(tmp_path, caplog):
+    (tmp_path / "a-file").write_text("not a directory")
+    return preflight(load_config("tiny-sd15", overrides=[f"run.output_dir={tmp_path / 'a-file'}", *FAST]))
+
+
+def fifo_prompt_file(tmp_path, caplog):
+    import os
+
+    os.mkfifo(tmp_path / "prompts.txt")
+    return preflight(cfg_with(tmp_path, f"data.prompt_file={tmp_path / 'prompts.txt'}"))
+
+
+SHORT_RUN = ["data.max_prompts=4", "sampling.num_steps=8", "sampling.divert_start_step=2",
+             "run.checkpoint_every_rounds=1", "train.epochs=3"]
+
+
+def resume_with_a_frozen_change(tmp_path, caplog):
+    from spo_ray.local_engine import run_in_process
+
+    run_in_process(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=1"))
+    saved = (tmp_path / "tiny-sd15" / "config.yaml").read_text()
+    try:
+        preflight(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=2", "sampling.prompts_per_round=2"))
+    finally:
+        assert (tmp_path / "tiny-sd15" / "config.yaml").read_text() == saved  # nothing written
+
+
+def resume_with_a_new_learning_rate(tmp_path, caplog):
+    import json
+
+    from spo_ray.local_engine import run_in_process
+
+    run_in_process(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=1"))
+    caplog.set_level(logging.INFO, logger="spo_ray")
+    run_in_process(cfg_with(tmp_path, *SHORT_RUN, "run.max_rounds=2", "train.learning_rate=0.005"))
+    run_dir = tmp_path / "tiny-sd15"
+    steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert {s["lr"] for s in steps if s["round"] == 0} == {0.02} and {s["lr"] for s in steps if s["round"] == 1} == {0.005}
+    history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["changes"]["train.learning_rate"] == [0.02, 0.005]
+    return caplog.text
+
+
+def damaged_newest_checkpoint(tmp_path, caplog):
+    from spo_ray.checkpointing import RunProgress, latest_checkpoint, save_checkpoint, shard_file
+
+    cfg = cfg_with(tmp_path)
+    weights = lora_weights(rank=4)
+    for position in (1, 2):
+        newest = save_checkpoint(cfg.run_dir, RunProgress(position=position, policy_version=position),
+                                 weights=weights, optimizer={}, keep=3)
+    (newest / shard_file("weights", 0, 1)).write_bytes(b"damaged")
+    caplog.set_level(logging.WARNING)
+    preflight(cfg)
+    assert latest_checkpoint(cfg.run_dir).name == "round-0000001"
+    return caplog.text
+
+
+def stale_temporary_checkpoint(tmp_path, caplog):
+    from spo_ray.local_engine import run_in_process
+
+    cfg = cfg_with(tmp_path, "run.max_rounds=1", "data.max_prompts=4", "sampling.num_steps=6",
+                   "sampling.divert_start_step=4", "run.checkpoint_every_rounds=0")
+    stale = cfg.run_dir / "checkpoints" / ".tmp-round-0000007"
+    stale.mkdir(parents=True)
+    caplog.set_level(logging.WARNING)
+    run_in_process(cfg)
+    assert not stale.exists()
+    return caplog.text
+
+
 def unreachable_mlflow(tmp_path, caplog):
     cfg = load_config("tiny-sd15", overrides=[
         f"run.output_dir={tmp_path}", f"tracking.tracking_uri=http://127.0.0.1:{free_port()}",
@@ -172,12 +249,40 @@ SCENARIOS: dict[str, Callable] = {
     "corrupt resume checkpoint": corrupt_resume_checkpoint,
     "resume checkpoint without its optimizer state": checkpoint_without_optimizer_state,
     "unreachable MLflow server": unreachable_mlflow,
+    "a float setting that is not finite (`train.learning_rate=inf`, `sampling.guidance_scale=nan`)":
+        lambda tmp_path, caplog: cfg_with(tmp_path, "train.learning_rate=inf", "sampling.guidance_scale=nan"),
+    "several bad keys and values": lambda tmp_path, caplog: cfg_with(tmp_path, "train.epochs=x", "train.lernrate=1"),
+    "an override value that is not YAML (`train.learning_rate=[`)": lambda tmp_path, caplog: cfg_with(
+        tmp_path, "train.learning_rate=["),
+    "a YAML file with a key given twice": duplicated_yaml_key,
+    "`run.name` with a path in it (`..`, `a/b`)": lambda tmp_path, caplog: cfg_with(tmp_path, "run.name=.."),
+    "`run.output_dir` that is a file": output_dir_is_a_file,
+    "a FIFO or device as the prompt file": fifo_prompt_file,
+    "LoRA targets that match no module (`train.lora_targets=[to_qq]`)": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "train.lora_targets=[to_qq]")),
+    "a user scorer that cannot be imported": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.no_such_module:Scorer")),
+    "a user scorer given arguments it does not take": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.user_scorers:MeanScorer", "scorer.kwargs={shift: 1}")),
+    "a user scorer that returns a list": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.user_scorers:ListScorer")),
+    "a user scorer that returns NaN": lambda tmp_path, caplog: preflight(
+        cfg_with(tmp_path, "scorer.type=tests.user_scorers:NaNScorer")),
+    "a temporary checkpoint folder left by a crash": stale_temporary_checkpoint,
+    "a damaged newest checkpoint beside valid ones": damaged_newest_checkpoint,
+    "a resume that changes a setting it may not (`sampling.prompts_per_round`, the model, the LoRA shape, the seed, "
+    "the prompts, ...)": resume_with_a_frozen_change,
+    "a resume that changes a setting it may (`train.learning_rate`, `run.max_rounds`, batch sizes, tracking, "
+    "resources)": resume_with_a_new_learning_rate,
     "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
     "more trainer ranks than rows per micro-batch": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "train.train_batch_size=2", "ray.num_trainers=4")),
 }
-LOGGED = {"blank lines in the prompt file", "over-long prompt"}  # handled, not refused
+LOGGED = {"blank lines in the prompt file", "over-long prompt",  # handled, not refused
+          "a temporary checkpoint folder left by a crash", "a damaged newest checkpoint beside valid ones",
+          "a resume that changes a setting it may (`train.learning_rate`, `run.max_rounds`, batch sizes, tracking, "
+          "resources)"}
 
 
 def test_the_table_and_the_scenarios_match() -> None:

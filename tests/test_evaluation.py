@@ -48,7 +48,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     """A tuned model (a seeded random LoRA on the tiny UNet, exported as the SPO job exports it), a prompt
     file and an aesthetic head over the tiny CLIP's embeddings."""
     from spo_ray.export import export_policy
-    from spo_ray.models import load_diffusion_model
+    from spo_ray.model_loading import load_diffusion_model
     from spo_ray.tiny import ensure_tiny_clip
     from spo_ray.training import add_lora
 
@@ -208,11 +208,11 @@ def test_evaluate_job_writes_table_grids_and_mlflow(ray_cluster, tmp_path, input
     assert any(not np.array_equal(images[f"base/{pid:05d}_{s}.png"], images[f"spo/{pid:05d}_{s}.png"])
                for pid in range(4) for s in (0, 1))
 
-    # MLflow: eval/<model>/<metric> in the default sqlite store of the run directory.
+    # MLflow: eval/<model>/<metric> in the default sqlite store of the output directory.
     from mlflow.tracking import MlflowClient
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # one store per output dir
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["spo_ray.kind"] == "evaluation"
     for model, r in zip(("base", "spo"), table, strict=True):

@@ -17,7 +17,7 @@ from spo_ray.checkpointing import latest_checkpoint, list_checkpoints, load_chec
 from spo_ray.components import load_model
 from spo_ray.config import load_config
 from spo_ray.export import LORA_WEIGHT_NAME
-from spo_ray.prompts import PromptFileError
+from spo_ray.preflight import InputError
 from spo_ray.tiny import ensure_tiny_pipeline
 from spo_ray.training import setup_policy
 
@@ -156,33 +156,69 @@ def test_train_full_finetuning_exports_a_unet(tmp_path: Path) -> None:
     assert all(torch.equal(weights[k], tuned_state[k]) for k in weights)
 
 
-def test_resume_is_exact(tmp_path: Path) -> None:
-    common = ["run.name=resume", "data.max_prompts=8", "train.epochs=2", "run.checkpoint_every_rounds=2"]
-    dir_a, summary_a = _train("tiny-sd15", tmp_path / "a", *common, "run.max_rounds=4")
-    dir_b, first = _train("tiny-sd15", tmp_path / "b", *common, "run.max_rounds=2")
-    assert first["position"] == 2
-    _, summary_b = _train("tiny-sd15", tmp_path / "b", *common, "run.max_rounds=4")
+RESUME = ["run.name=resume", "data.max_prompts=8", "train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
+    """Four rounds without a stop (the reference of both resume tests)."""
+    return _train("tiny-sd15", tmp_path_factory.mktemp("a"), *RESUME, "run.checkpoint_every_rounds=2", "run.max_rounds=4")
+
+
+def _assert_same_as_uninterrupted(dir_b: Path, summary_b: dict, uninterrupted: tuple[Path, dict], resumed_at: int) -> None:
+    dir_a, summary_a = uninterrupted
     assert summary_a["position"] == summary_b["position"] == 4
     assert summary_a["policy_version"] == summary_b["policy_version"] == 4
     assert summary_a["accounting"] == summary_b["accounting"]  # counters carried over the restart
-
     steps_a, steps_b = _metrics(dir_a), _metrics(dir_b)
-    # resumed, not restarted: rounds 0 and 1 were trained once
+    # resumed, not restarted: the rounds before the stop were trained once
     assert [s["round"] for s in steps_a] == [s["round"] for s in steps_b]
     assert [s["step"] for s in steps_a] == [s["step"] for s in steps_b]
-    late_a = [s for s in steps_a if s["round"] >= 2]
-    late_b = [s for s in steps_b if s["round"] >= 2]
-    assert late_a and {s["round"] for s in late_a} == {2, 3}
+    late_a = [s for s in steps_a if s["round"] >= resumed_at]
+    late_b = [s for s in steps_b if s["round"] >= resumed_at]
+    assert late_a and {s["round"] for s in late_a} == set(range(resumed_at, 4))
     for a, b in zip(late_a, late_b, strict=True):
         assert a["num_transitions"] == b["num_transitions"]
         for key in ("loss", "grad_norm", "ratio_win", "score_win", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
-
     lora_a = load_file(str(dir_a / "final" / LORA_WEIGHT_NAME))
     lora_b = load_file(str(dir_b / "final" / LORA_WEIGHT_NAME))
     assert lora_a.keys() == lora_b.keys() and lora_a
     for key in lora_a:
         torch.testing.assert_close(lora_b[key], lora_a[key], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_is_exact(tmp_path: Path, uninterrupted) -> None:
+    common = [*RESUME, "run.checkpoint_every_rounds=2"]
+    _, first = _train("tiny-sd15", tmp_path / "b", *common, "run.max_rounds=2")
+    assert first["position"] == 2
+    dir_b, summary_b = _train("tiny-sd15", tmp_path / "b", *common, "run.max_rounds=4")
+    _assert_same_as_uninterrupted(dir_b, summary_b, uninterrupted, resumed_at=2)
+
+
+def test_ctrl_c_checkpoints_after_the_round_and_the_resume_is_exact(tmp_path: Path, uninterrupted) -> None:
+    """SIGINT in the middle of a run (no periodic checkpoints): the round finishes, a checkpoint is
+    written, the process says where and exits 130; resuming from it equals the uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "spo_ray", "train", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}",
+            *RESUME, "run.max_rounds=4", "run.checkpoint_every_rounds=0", "run.progress=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "resume" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and '"round"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopping after this round" in err and "resume with the same run.name" in err
+    stopped = latest_checkpoint(tmp_path / "resume")
+    assert stopped is not None and 1 <= (position := load_checkpoint(stopped)[0].position) < 4
+    dir_b, summary_b = _train("tiny-sd15", tmp_path, *RESUME, "run.checkpoint_every_rounds=0", "run.max_rounds=4")
+    _assert_same_as_uninterrupted(dir_b, summary_b, uninterrupted, resumed_at=position)
 
 
 def test_missing_prompt_file_fails_before_loading_models(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -197,7 +233,7 @@ def test_missing_prompt_file_fails_before_loading_models(tmp_path: Path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("spo-ray: ") and "/nonexistent.txt" in err and "Traceback" not in err
     assert not (tmp_path / "tiny-sd15").exists()
-    with pytest.raises(PromptFileError, match="/nonexistent.txt"):  # the engine's own error, for library use
+    with pytest.raises(InputError, match="/nonexistent.txt"):  # the preflight's error, for library use
         local_engine.run_in_process(load_config("tiny-sd15", overrides=[
             f"run.output_dir={tmp_path}", "data.prompt_file=/nonexistent.txt"]))
 

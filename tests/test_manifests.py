@@ -382,7 +382,7 @@ def config_of(owner: dict[str, Any], objects: list[dict[str, Any]], tmp_path: Pa
     assert argv[0] == "python" and re.fullmatch(r"jobs/spo_(sd15|sdxl)\.py", argv[1]), argv
     script = REPO / argv[1]
     assert script.is_file()
-    (preset,) = re.findall(r'default_preset="([^"]+)"', script.read_text())
+    (preset,) = re.findall(r'job_main\("spo", "([^"]+)"\)', script.read_text())
     if "--preset" in argv:
         preset = argv[argv.index("--preset") + 1]
     config_path = argv[argv.index("--config") + 1]

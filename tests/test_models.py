@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from spo_ray.models import Conditioning, DiffusionModel, load_diffusion_model
+from spo_ray.model_loading import load_diffusion_model
+from spo_ray.models import Conditioning, DiffusionModel
 from spo_ray.tiny import (
     _SUBFOLDERS,
     build_clip_tokenizer,

@@ -89,7 +89,7 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     # MLflow from trainer rank 0, to the default sqlite store in the run directory.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # one store per output dir
     (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["engine"] == "ray" and run.data.params["ray.num_trainers"] == "2"
@@ -204,7 +204,7 @@ def _assert_same_training(got: Path, want: Path) -> None:
 def _mlflow_keys(run_dir: Path) -> set[str]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
     return set(run.data.metrics)
 

@@ -419,8 +419,14 @@ def test_tensor_minimum_bytes_count_latents_in_float32(sd15_bf16) -> None:
     cond = rec["cond_prompt_embeds"].numel()
     expected = B * S * (1 + k * M) * chw * 4 + B * S * k * chw * 2 + cond * 2
     out = records.to_numpy(rec)
-    assert telemetry.trajectory_min_bytes(out, 2) == expected <= telemetry.payload_bytes(out)
+    assert telemetry.trajectory_min_bytes(rec, 2) == expected <= telemetry.payload_bytes(out)
+    # bf16 columns travel as their bits, never upcast: x0_hat and the conditioning at 2 bytes each
+    assert out["x0_hat" + records.BF16_SUFFIX].nbytes == rec["x0_hat"].numel() * 2
+    assert out["cond_prompt_embeds" + records.BF16_SUFFIX].nbytes == cond * 2
+    back = records.to_torch(out)
+    assert back.keys() == rec.keys() and all(
+        torch.equal(back[key], value) and back[key].dtype == value.dtype for key, value in rec.items() if torch.is_tensor(value))
     pairs, _ = PoolScorer(model.decode, BrightnessScorer(scale=5000.0), threshold=0.0)(rec)
     assert pairs["x_t"].dtype == pairs["win"].dtype == pairs["lose"].dtype == torch.float32
     n = len(pairs["pair_id"])
-    assert n > 0 and telemetry.pair_min_bytes(records.to_numpy(pairs), 2) == n * (1 + 2 * M) * chw * 4 + n * cond // B * 2
+    assert n > 0 and telemetry.pair_min_bytes(pairs, 2) == n * (1 + 2 * M) * chw * 4 + n * cond // B * 2

@@ -21,7 +21,6 @@ from spo_ray.spm import (
     preprocess_images,
     read_state_dict,
     resolve_clip_dir,
-    resolve_dtype,
     timestep_embedding,
 )
 from spo_ray.tiny import build_tiny_clip
@@ -305,7 +304,9 @@ def test_from_pretrained_dtype_device_and_missing_dir(clip_dir: Path, tmp_path: 
         StepAwarePreferenceModel.from_pretrained(tmp_path / "does-not-exist")
 
 
-def test_resolve_dtype() -> None:
+def test_torch_dtype_names() -> None:
+    from spo_ray.devices import torch_dtype as resolve_dtype
+
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("torch.float16") is torch.float16
     assert resolve_dtype("fp32") is torch.float32

@@ -247,10 +247,10 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
         timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "[spm] step 10 |" in proc.stdout and "[spm] eval t   0-199: accuracy" in proc.stdout
+    assert "spo_ray.spm_training.trainer: step 10 |" in proc.stdout and "eval t   0-199: accuracy" in proc.stdout
     summary = json.loads((out / "spm-tiny" / "summary.json").read_text())
     acc, before = summary["accuracy_by_bucket"], summary["initial_accuracy_by_bucket"]
-    print("\n".join(line for line in proc.stdout.splitlines() if "[spm]" in line))
+    print("\n".join(line for line in proc.stdout.splitlines() if "spm_training.trainer:" in line))
     assert list(acc) == ["0-199", "200-399", "400-599", "600-799", "800-999"]
     ties = int((held["label_0"] == 0.5).sum())
     assert all(b["pairs_counted"] == 48 - ties and b["ties"] == ties for b in summary["eval_buckets"])

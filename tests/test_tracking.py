@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ from PIL import Image
 from spo_ray import cli
 from spo_ray.config import load_config
 from spo_ray.local_engine import run_in_process
+from spo_ray.preflight import InputError
 from spo_ray.rendering import image_grid, pair_strip
 from spo_ray.tracking import (
     MAX_PARAM_VALUE,
@@ -178,9 +180,11 @@ def test_run_is_tracked(server, tracked, tmp_path) -> None:
     checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert checkpoints == {f"checkpoints/round-000000{r}{ext}" for r in (1, 2) for ext in ("", ".json")}
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints/round-0000002")}
-    assert {"weights.safetensors", "state.json", "optimizer.safetensors", "manifest.json"} <= files
+    assert {"weights-00000-of-00001.safetensors", "state.json", "optimizer-00000-of-00001.safetensors",
+            "manifest.json"} <= files
     manifest = json.loads(Path(client.download_artifacts(run_id, "checkpoints/round-0000002.json", str(tmp_path))).read_text())
-    assert manifest["path"].endswith("round-0000002") and len(manifest["files"]["weights.safetensors"]["sha256"]) == 64
+    shard = manifest["files"]["weights-00000-of-00001.safetensors"]
+    assert manifest["path"].endswith("round-0000002") and len(shard["sha256"]) == 64
     assert run.data.tags["checkpoint.latest"] == manifest["path"]
     assert {a.path for a in client.list_artifacts(run_id, "final")} == {"final/pytorch_lora_weights.safetensors"}
     assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(run_id)}
@@ -303,22 +307,34 @@ def test_compare_two_thresholds(server, tracked, tmp_path, capsys) -> None:
     assert rc == 1 and "no-such-experiment" in capsys.readouterr().err
 
 
-def test_default_store_is_sqlite_in_the_run_dir(tmp_path, monkeypatch) -> None:
+def test_default_store_is_one_sqlite_per_output_dir(tmp_path, monkeypatch, capsys, caplog) -> None:
+    """Two runs with different names under one output directory land in one store: one `mlflow ui`
+    shows both, `spo-ray compare` with no URI compares both, and each run says how to open it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config("tiny-sd15", overrides=[
-        f"run.output_dir={tmp_path}", "run.progress=false", "run.max_rounds=1", "data.max_prompts=4",
-        "sampling.num_steps=8", "sampling.divert_start_step=2",
-    ])
-    summary = run_in_process(cfg)
-    db = cfg.run_dir / "mlflow.db"
-    assert summary["mlflow_tracking_uri"] == f"sqlite:///{db}" and db.is_file()
+    caplog.set_level(logging.INFO, logger="spo_ray")
+    summaries = []
+    for name in ("first", "second"):
+        cfg = load_config("tiny-sd15", overrides=[
+            f"run.output_dir={tmp_path}", f"run.name={name}", "run.progress=false", "run.max_rounds=1",
+            "data.max_prompts=4", "sampling.num_steps=8", "sampling.divert_start_step=2",
+        ])
+        summaries.append(run_in_process(cfg))
+    db = tmp_path / "mlflow.db"
+    assert all(s["mlflow_tracking_uri"] == f"sqlite:///{db}" for s in summaries) and db.is_file()
+    assert f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1" in caplog.text
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("spo-ray")
-    assert experiment.artifact_location == (cfg.run_dir / "mlartifacts").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI views
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
-    assert runs[0].data.tags["preset"] == "tiny-sd15"
-    assert (cfg.run_dir / "mlartifacts" / summary["mlflow_run_id"] / "artifacts" / "final").is_dir()
+    assert sorted(r.info.run_id for r in runs) == sorted(s["mlflow_run_id"] for s in summaries)
+    assert {r.data.tags["preset"] for r in runs} == {"tiny-sd15"}
+    summary = summaries[0]
+    assert (tmp_path / "mlartifacts" / summary["mlflow_run_id"] / "artifacts" / "final").is_dir()
+    monkeypatch.chdir(tmp_path.parent)
+    rc = cli.main(["compare", "--output-dir", str(tmp_path), "--out", str(tmp_path / "compare")])
+    table = capsys.readouterr().out
+    assert rc == 0 and "first" in table and "second" in table
 
     # `mlflow ui` on that database serves the run
     proc, uri = _serve(["ui", "--backend-store-uri", f"sqlite:///{db}"], tmp_path / "ui.log")
@@ -342,8 +358,9 @@ def test_unreachable_server_fails_fast_before_models_load(tmp_path, monkeypatch)
     uri = f"http://127.0.0.1:{_free_port()}"
     cfg = _cfg(tmp_path, f"tracking.tracking_uri={uri}")
     started = time.time()
-    with pytest.raises(TrackingError, match=f"{uri}.*unreachable"):
+    with pytest.raises(InputError, match=f"{uri}.*unreachable") as err:  # the preflight's, as on Ray
         run_in_process(cfg)
+    assert isinstance(err.value.__cause__, TrackingError)
     assert time.time() - started < 20
     assert not cfg.run_dir.exists()
 
@@ -375,7 +392,7 @@ def test_disabled_tracker_is_a_no_op(tmp_path) -> None:
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_image(Image.new("RGB", (4, 4)), "x.png")
     tracker.end("FINISHED")
-    assert not (cfg.run_dir / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_names_and_params() -> None:

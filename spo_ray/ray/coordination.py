@@ -46,12 +46,14 @@ class PolicyStore:
         self.blocked_waits = 0
         self.wait_seconds = 0.0
         self.published = 0
+        self.bytes_in = 0
 
     async def publish(self, version: int, refs: list[ray.ObjectRef], published_at: float) -> None:
         """``refs``: a one-element list, so that Ray passes the reference, not the weights."""
         async with self.changed:
             self.versions[version] = (refs, published_at)
             self.published += 1
+            self.bytes_in += len(ray.cloudpickle.dumps(refs))  # what this actor handles per version
             for old in sorted(self.versions)[: -self.keep]:
                 del self.versions[old]
             self.changed.notify_all()
@@ -86,7 +88,7 @@ class PolicyStore:
 
     def stats(self) -> dict[str, float]:
         return {"newest": self.newest(), "blocked_waits": self.blocked_waits, "wait_seconds": self.wait_seconds,
-                "published": self.published}
+                "published": self.published, "bytes_in": self.bytes_in}
 
 
 @ray.remote(num_cpus=0)
@@ -103,7 +105,7 @@ class RoundLedger:
         # Each (re)built stream is a generation; after a trainer restart the rounds from the
         # checkpoint's position are redone, and what was scored for them before is set apart.
         self.generation = 0
-        self.redone = {"prompts": 0, "scoring_events": 0, "kept": 0, "rejected": 0}
+        self.redone = {"prompts": 0, "scoring_events": 0, "kept": 0, "rejected": 0, "nonfinite": 0}
         self.stale_reports = 0
         self.changed = asyncio.Condition()  # notified on every report: the trainer long-polls
         self.pair_refs: dict[tuple[int, int], list[list[ray.ObjectRef]]] = {}  # (round, dest rank) -> references
@@ -115,7 +117,7 @@ class RoundLedger:
         for round_index in [r for r in self.scored if r >= position]:
             for row in self.scored.pop(round_index).values():
                 for key, value in (("prompts", 1), ("scoring_events", row.events), ("kept", row.kept),
-                                   ("rejected", row.rejected)):
+                                   ("rejected", row.rejected), ("nonfinite", row.nonfinite)):
                     self.redone[key] += value
             self.strips.pop(round_index, None)
         return self.generation
@@ -133,7 +135,7 @@ class RoundLedger:
         async with self.changed:
             self.changed.notify_all()
 
-    async def wait_status(self, round_index: int, timeout_s: float) -> tuple[bool, int, int, int]:
+    async def wait_status(self, round_index: int, timeout_s: float) -> tuple[bool, int, int, int, int]:
         """``status`` once the round is complete or after ``timeout_s``, whichever comes first (a
         long poll: the trainer does not call every few milliseconds while a round is sampled)."""
         async with self.changed:
@@ -141,17 +143,18 @@ class RoundLedger:
                 await asyncio.wait_for(self.changed.wait_for(lambda: self.status(round_index)[0]), timeout_s)
         return self.status(round_index)
 
-    def status(self, round_index: int) -> tuple[bool, int, int, int]:
-        """(complete, events, kept, rejected) of a round."""
+    def status(self, round_index: int) -> tuple[bool, int, int, int, int]:
+        """(complete, events, kept, rejected, non-finite) of a round."""
         seen = self.scored.get(round_index, {}).values()
-        events, kept, rejected = (sum(r.events for r in seen), sum(r.kept for r in seen), sum(r.rejected for r in seen))
-        return len(seen) == self.round_sizes[round_index], events, kept, rejected
+        counts = [sum(getattr(r, key) for r in seen) for key in ("events", "kept", "rejected", "nonfinite")]
+        return (len(seen) == self.round_sizes[round_index], *counts)
 
     def round_scores(self, round_index: int) -> RoundScores:
         """What the scorers reported for one round (the round record's scoring part)."""
         seen = list(self.scored.get(round_index, {}).values())
         return RoundScores(
             events=sum(r.events for r in seen), kept=sum(r.kept for r in seen), rejected=sum(r.rejected for r in seen),
+            nonfinite=sum(r.nonfinite for r in seen),
             score_sum=sum(r.score_sum for r in seen), images=sum(r.images for r in seen), buckets=_bucket_totals(seen),
         )
 
@@ -182,6 +185,7 @@ class RoundLedger:
             "scoring_events": base.get("scoring_events", 0) + sum(r.events for r in rows),
             "kept": base.get("kept", 0) + sum(r.kept for r in rows),
             "rejected": base.get("rejected", 0) + sum(r.rejected for r in rows),
+            "nonfinite": base.get("dropped_nonfinite", 0) + sum(r.nonfinite for r in rows),
             "duplicate_reports": self.duplicates,
             "redone_after_restart": dict(self.redone),
             "stale_reports": self.stale_reports,
@@ -200,6 +204,7 @@ class ScoredPrompt:
     buckets: dict[str, tuple[int, int]]  # timestep bucket -> (events, kept)
     score_sum: float
     images: int
+    nonfinite: int = 0
 
 
 def _bucket_totals(rows: list[ScoredPrompt]) -> dict[str, tuple[int, int]]:

@@ -13,11 +13,10 @@ from typing import Any
 
 import ray
 import ray.data
-import yaml
 
 from spo_ray import telemetry
 from spo_ray.accounting import Accounting
-from spo_ray.checkpointing import latest_checkpoint, read_progress
+from spo_ray.checkpointing import latest_checkpoint, read_progress, remove_stale_temporaries
 from spo_ray.components import connect_ray, prompt_plan
 from spo_ray.config import SPOConfig
 from spo_ray.preflight import preflight
@@ -27,6 +26,7 @@ from spo_ray.ray.stream import build_pair_stream
 from spo_ray.ray.trainer import train_loop_per_worker
 from spo_ray.ray.workers import ValidationRenderer
 from spo_ray.rendering import validation_set
+from spo_ray.run_log import write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     prompts = preflight(cfg).prompts  # bad input fails here, before any cluster resource
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for stale in remove_stale_temporaries(run_dir):
+        log.warning("removed %s, an incomplete checkpoint of an earlier, interrupted run", stale)
+    write_run_config(run_dir, cfg)  # after every check passed
     connect_ray(cfg.ray.address)
     names = actor_names(cfg)
     for name in names.values():  # a previous attempt's coordinators (same run name) start over
@@ -86,7 +88,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     t = trainer_summary["trainer_accounting"]
     accounting = Accounting(
         prompts=totals["prompts"], scoring_events=totals["scoring_events"], kept=totals["kept"],
-        rejected=totals["rejected"], trained=t["trained"], dropped_rank_balance=t["dropped_rank_balance"],
+        rejected=totals["rejected"], dropped_nonfinite=totals["nonfinite"], trained=t["trained"], dropped_rank_balance=t["dropped_rank_balance"],
         transitions_trained=t["transitions_trained"], optimizer_steps=t["optimizer_steps"], skipped_steps=t["skipped_steps"],
     )
     result = {

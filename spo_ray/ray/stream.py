@@ -124,23 +124,23 @@ class ShardPump:
 
 
 def wait_for_round(pump: ShardPump, ledger_status: Callable[[], tuple[bool, int, int, int]], round_index: int,
-                   rank: int, device: torch.device, poll_s: float = 0.05) -> tuple[int, int, int]:
+                   rank: int, device: torch.device, poll_s: float = 0.05) -> tuple[int, int, int, int]:
     """Block until every prompt of the round is scored and all its kept pairs reached the ranks;
-    returns the round's (scoring events, kept, rejected). Rank 0 calls ``ledger_status`` (a long
-    poll of the RoundLedger: complete, events, kept, rejected) until the round is scored; the pairs
-    each rank holds are counted locally every ``poll_s``. One all-reduce of 5 values per poll
+    returns the round's (scoring events, kept, rejected, non-finite). Rank 0 calls ``ledger_status``
+    (a long poll of the RoundLedger: complete and those counts) until the round is scored; the
+    pairs each rank holds are counted locally every ``poll_s``. One all-reduce of 6 values per poll
     (rank 0's ledger status + every rank's arrived count), on the worker's device."""
     last_note = time.monotonic()
     while True:
         pump.drain()
-        status = [0.0, 0.0, 0.0, 0.0]
+        status = [0.0] * 5
         if rank == 0:
-            complete, events, kept, rejected = ledger_status()
-            status = [float(complete), events, kept, rejected]
+            complete, *counts = ledger_status()
+            status = [float(complete), *counts]
         total = all_reduce_sum([*status, pump.count(round_index)], device)
-        complete, events, kept, rejected, arrived = (int(v) for v in total)
+        complete, events, kept, rejected, nonfinite, arrived = (int(v) for v in total)
         if complete and arrived == kept:
-            return events, kept, rejected
+            return events, kept, rejected, nonfinite
         if complete and arrived > kept:
             raise RuntimeError(f"round {round_index}: {arrived} pairs arrived but the ledger kept {kept}")
         if rank == 0 and time.monotonic() - last_note > 30:

@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 
 from spo_ray import records, telemetry
 from spo_ray.checkpointing import (
@@ -36,7 +37,7 @@ from spo_ray.checkpointing import (
 from spo_ray.components import apply_fast_path, last_round, load_model, prompt_plan
 from spo_ray.config import SPOConfig, config_from_dict
 from spo_ray.export import export_policy
-from spo_ray.learner import StepRecord, checkpoint_shard, train_round
+from spo_ray.learner import NonFiniteError, StepRecord, checkpoint_shard, train_round
 from spo_ray.prompts import PromptPlan, Round
 from spo_ray.ray.common import trainer_device, worker_setup
 from spo_ray.ray.coordination import actor_names
@@ -44,6 +45,7 @@ from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
 from spo_ray.ray.routing import RoutedRound, route_round
 from spo_ray.ray.stream import ShardPump, wait_for_round
 from spo_ray.run_log import RunLog, next_round_step, round_record
+from spo_ray.scoring import nonfinite_problem
 from spo_ray.tracking import RunTracker
 from spo_ray.training import autocast_dtype, setup_policy, spo_loss_fn
 
@@ -74,6 +76,7 @@ class TrainerContext:
     started: float = field(default_factory=time.time)
     meter: telemetry.RoleMeter = field(default_factory=lambda: telemetry.RoleMeter("trainer"))
     sink: Any = None  # the run's telemetry sink
+    stopped_by: str | None = None  # why the run stopped early (non-finite values), after a checkpoint
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -101,18 +104,29 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
         started = time.time()
         scored = wait_for_round(ctx.pump, lambda r=rnd.index: ray.get(ctx.ledger.wait_status.remote(r, 1.0)),
                                 rnd.index, ctx.rank, ctx.learner.device)
+        ctx.stopped_by = nonfinite_problem(rnd.index, scored[0], scored[3], ctx.cfg.scorer.max_nonfinite_fraction)
+        if ctx.stopped_by:  # every rank saw the same counts: all stop, after a checkpoint before this round
+            checkpoint(ctx, progress)
+            break
         t = ctx.cfg.train
         pairs = route_round(ctx.pump.pop(rnd.index), rank=ctx.rank, world=ctx.world, batch_size=t.train_batch_size,
                             seed=t.seed, epoch=rnd.epoch, round_index=rnd.index, exchange=ctx.ledger)
         ctx.meter.add(bytes_in=pairs.bytes_received, pairs_held=pairs.pairs_held)
         lag = policy_lag(ctx, progress, pairs, rnd)
         trained = time.time()
-        steps = train_round(ctx.learner, ctx.loss_fn, pairs.rows, t, progress.train, epoch=rnd.epoch, round_index=rnd.index)
-        time.sleep(ctx.cfg.train.test_delay_s * len(steps))  # tests slow the trainer to exercise the gate
-        train_seconds = time.time() - trained
-        progress.policy_version += 1
-        with timed(ctx, "publish_seconds"):
-            publish(ctx, progress)
+        try:
+            steps = train_round(ctx.learner, ctx.loss_fn, pairs.rows, t, progress.train, epoch=rnd.epoch,
+                                round_index=rnd.index)
+            time.sleep(ctx.cfg.train.test_delay_s * len(steps))  # tests slow the trainer to exercise the gate
+            train_seconds = time.time() - trained
+            progress.policy_version += 1
+            with timed(ctx, "publish_seconds"):
+                publish(ctx, progress)
+        except NonFiniteError as err:
+            # Raised on every rank at the same point (the counts and the weight check are all-reduced).
+            # No checkpoint: this round's weights are partly trained; the latest checkpoint stands.
+            ctx.stopped_by = str(err)
+            break
         account(progress, rnd, scored, pairs, steps)
         progress.position = rnd.index + 1
         if ctx.rank == 0:
@@ -226,6 +240,11 @@ def publish(ctx: TrainerContext, progress: RunProgress, *, rollback: bool = Fals
     """The current weights as ``progress.policy_version``: a snapshot on every rank (collective
     under ZeRO-3), published by rank 0 in the background."""
     weights = ctx.learner.trainable_weights()
+    bad = 0.0 if ctx.rank != 0 else float(sum(not bool(torch.isfinite(w).all()) for w in weights.values()))
+    bad = ctx.learner.all_reduce_sum([bad])[0]
+    if bad:
+        raise NonFiniteError(f"{int(bad)} trainable tensor(s) are non-finite after an optimizer step; "
+                             f"version {progress.policy_version} was not published")
     if ctx.rank != 0:
         return
     epoch_ended = progress.position % ctx.plan.rounds_per_epoch == 0
@@ -236,11 +255,12 @@ def publish(ctx: TrainerContext, progress: RunProgress, *, rollback: bool = Fals
         ctx.last_grid_position = progress.position
 
 
-def account(progress: RunProgress, rnd: Round, scored: tuple[int, int, int], pairs: RoutedRound,
+def account(progress: RunProgress, rnd: Round, scored: tuple[int, int, int, int], pairs: RoutedRound,
             steps: list[StepRecord]) -> None:
-    events, kept, rejected = scored
+    events, kept, rejected, nonfinite = scored
     progress.accounting.add(
-        prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, trained=len(pairs.pair_ids),
+        prompts=len(rnd.prompt_ids), scoring_events=events, kept=kept, rejected=rejected, dropped_nonfinite=nonfinite,
+        trained=len(pairs.pair_ids),
         transitions_trained=pairs.transitions, optimizer_steps=len(steps), skipped_steps=sum(s.skipped for s in steps),
     )
 
@@ -296,7 +316,7 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
             "position": progress.position, "policy_version": progress.policy_version,
             "trainer_accounting": progress.accounting.to_dict(), "max_policy_lag_seen": max(ctx.lags, default=0),
             "lags": ctx.lags, "world_size": ctx.world, "global_step": progress.train.global_step,
-            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id,
+            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id, "stopped_by": ctx.stopped_by,
         }
         if ctx.tracker.active:
             ctx.tracker.log_artifact(final_dir, "final")

@@ -80,7 +80,7 @@ class SamplerWorker:
             self.meter.record(  # sampler -> scorer hop: the yielded block against its tensor minimum
                 wall_started, time.time(), unet_forwards=self.sampler.unet_forwards - forwards, prompts=len(prompts),
                 bytes_out=telemetry.payload_bytes(out),
-                min_bytes_out=telemetry.trajectory_min_bytes(out, self.model.dtype.itemsize),
+                min_bytes_out=telemetry.trajectory_min_bytes(rec, self.model.dtype.itemsize),
             )
             telemetry.report(self.telemetry, self.meter)
             yield out
@@ -109,20 +109,19 @@ class ScorerWorker:
             self.pool_scorer.scorer.reset_text_cache()
         self._offer_pair_strip(rec, pairs)  # before the report: the round is complete only after it
         # Report per prompt (idempotent in the ledger) so a redone batch is not counted twice.
-        events_per_row = rec["x0_hat"].shape[1]
-        images_per_row = events_per_row * rec["x0_hat"].shape[2]
+        events_per_row, k = rec["x0_hat"].shape[1], rec["x0_hat"].shape[2]
         by_round: dict[int, list[ScoredPrompt]] = {}
         for b, (round_index, prompt_id) in enumerate(zip(rec["round"].tolist(), rec["prompt_id"].tolist(), strict=True)):
-            kept = stats.kept_per_row[b]
+            kept, nonfinite = stats.kept_per_row[b], stats.nonfinite_per_row[b]
             by_round.setdefault(round_index, []).append(ScoredPrompt(
-                prompt_id, events_per_row, kept, events_per_row - kept, stats.buckets_per_row[b],
-                stats.score_sum_per_row[b], images_per_row,
+                prompt_id, events_per_row, kept, events_per_row - kept - nonfinite, stats.buckets_per_row[b],
+                stats.score_sum_per_row[b], (events_per_row - nonfinite) * k, nonfinite,
             ))
         ray.get([self.ledger.report.remote(r, rows, self.generation) for r, rows in by_round.items()])
         out = records.to_numpy(pairs)  # timings and scores go to the telemetry sink and the ledger
         self.meter.record(  # scorer -> trainer hop: the returned block against its tensor minimum
             wall_started, time.time(), images_scored=stats.images, scoring_events=stats.events, kept=stats.kept,
-            bytes_out=telemetry.payload_bytes(out), min_bytes_out=telemetry.pair_min_bytes(out, self.model.dtype.itemsize),
+            bytes_out=telemetry.payload_bytes(out), min_bytes_out=telemetry.pair_min_bytes(pairs, self.model.dtype.itemsize),
         )
         telemetry.report(self.telemetry, self.meter)
         return out

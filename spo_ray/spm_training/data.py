@@ -1,0 +1,236 @@
+"""Preference pairs: files (Pick-a-Pic or plain layouts), checks before any cluster resource, per-example
+tags (split, example id, weight, epoch, t: pure functions of ids) and image decoding."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spo_ray import rng
+from spo_ray.spm_training.config import FORMATS, NUM_TIMESTEPS, PICKAPIC_COLUMNS, PLAIN_COLUMNS, SPMConfig
+
+log = logging.getLogger(__name__)
+
+class PreferenceDataError(ValueError):
+    """A preference file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class PreferenceSource:
+    """What the driver learned about one split's files before any cluster resource is used."""
+
+    files: list[str]
+    fmt: str  # "parquet" | "json" | "csv"
+    layout: str  # "pickapic" | "plain"
+    image_root: str | None  # plain layout: where relative image paths start
+    prompt_counts: dict[str, int]  # examples per prompt (the weight is 1 / count)
+    num_examples: int
+    num_ties: int
+
+
+def resolve_files(spec: str) -> list[str]:
+    """A file, a directory (its supported files) or a glob -> sorted files of one format."""
+    p = Path(spec)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in FORMATS)
+    else:
+        files = sorted(Path(f) for f in glob.glob(spec) if Path(f).is_file())
+        if not files and not glob.has_magic(spec):
+            raise PreferenceDataError(f"preference data not found: {spec}")
+    if not files:
+        raise PreferenceDataError(f"no preference files ({', '.join(FORMATS)}) in {spec}")
+    bad = [str(f) for f in files if f.suffix not in FORMATS]
+    if bad:
+        raise PreferenceDataError(f"unsupported preference file type: {bad[0]} (use {', '.join(FORMATS)})")
+    if len({FORMATS[f.suffix] for f in files}) > 1:
+        raise PreferenceDataError(f"{spec} mixes file formats; use one of parquet, jsonl or csv")
+    return [str(f) for f in files]
+
+
+def _read_table(path: str, fmt: str, columns: list[str] | None = None):
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path, columns=columns)
+        table = pyarrow.json.read_json(path) if fmt == "json" else pyarrow.csv.read_csv(path)
+        return table.select(columns) if columns is not None else table
+    except Exception as err:  # any reader failure means the same thing to the user
+        raise PreferenceDataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+
+
+def _column_names(path: str, fmt: str) -> list[str]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as err:
+            raise PreferenceDataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+    return list(_read_table(path, fmt).column_names)
+
+
+def detect_layout(columns: list[str], layout: str, path: str) -> str:
+    """``pickapic`` (caption, jpg_0, jpg_1, label_0) or ``plain`` (prompt, image_0, image_1, label)."""
+    if layout == "auto":
+        layout = "pickapic" if "jpg_0" in columns else "plain" if "image_0" in columns else ""
+        if not layout:
+            raise PreferenceDataError(
+                f"{path}: cannot tell the layout from its columns {columns}; expected Pick-a-Pic "
+                f"({', '.join(PICKAPIC_COLUMNS)}) or plain ({', '.join(PLAIN_COLUMNS)})"
+            )
+    required = PICKAPIC_COLUMNS if layout == "pickapic" else PLAIN_COLUMNS
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise PreferenceDataError(
+            f"{path}: missing column(s) {', '.join(missing)} for the {layout} layout "
+            f"(needs {', '.join(required)}; has {', '.join(columns)})"
+        )
+    return layout
+
+
+def label_0_of(layout: str, label: np.ndarray) -> np.ndarray:
+    """P(image_0 preferred). Pick-a-Pic's ``label_0`` already is; the plain layout's ``label`` is the index of
+    the preferred image (0 -> image_0, 1 -> image_1, 0.5 -> a tie), so label_0 = 1 - label."""
+    label = np.asarray(label, dtype=np.float64)
+    return label if layout == "pickapic" else 1.0 - label
+
+
+def in_eval_split(prompt: str, seed: int, eval_fraction: float) -> bool:
+    """Held-out by prompt (a pure function of the prompt), so no eval prompt is ever trained on."""
+    return eval_fraction > 0 and rng.derive_seed("spm-split", seed, prompt) % 1_000_000 < eval_fraction * 1_000_000
+
+
+def inspect_preferences(spec: str, layout: str, image_root: str | None, *, keep=None) -> PreferenceSource:
+    """Check columns, labels and (plain layout) image files of a split on the driver; count examples per
+    prompt. Reads only the small columns (never the image bytes). ``keep(prompt)`` filters the split."""
+    files = resolve_files(spec)
+    fmt = FORMATS[Path(files[0]).suffix]
+    found = None
+    counts: dict[str, int] = {}
+    num, ties = 0, 0
+    for path in files:
+        lay = detect_layout(_column_names(path, fmt), layout, path)
+        if found is not None and lay != found:
+            raise PreferenceDataError(f"{path} is in the {lay} layout but {files[0]} is {found}")
+        found = lay
+        prompt_col, _, _, label_col = PICKAPIC_COLUMNS if lay == "pickapic" else PLAIN_COLUMNS
+        cols = [prompt_col, label_col] + (["image_0", "image_1"] if lay == "plain" else [])
+        table = _read_table(path, fmt, cols).to_pydict()
+        prompts, labels = table[prompt_col], table[label_col]
+        bad = [i for i, (p, lab) in enumerate(zip(prompts, labels, strict=True))
+               if not isinstance(p, str) or not isinstance(lab, (int, float)) or not 0 <= lab <= 1]
+        if bad:
+            i = bad[0]
+            raise PreferenceDataError(
+                f"{path}: {len(bad)} row(s) with a missing prompt or a {label_col} outside [0, 1] "
+                f"(first: row {i}, prompt {prompts[i]!r}, {label_col} {labels[i]!r})"
+            )
+        if lay == "plain":
+            root = Path(image_root) if image_root else Path(path).parent
+            missing = [f for f in table["image_0"] + table["image_1"] if not isinstance(f, str) or not (root / f).is_file()]
+            if missing:
+                raise PreferenceDataError(
+                    f"{path}: {len(missing)} image file(s) not found under {root} (first: {missing[0]!r})"
+                )
+        for p, lab in zip(prompts, labels, strict=True):
+            if keep is None or keep(p):
+                counts[p] = counts.get(p, 0) + 1
+                num += 1
+                ties += float(lab) == 0.5
+    if num == 0:
+        raise PreferenceDataError(f"{spec}: no preference pairs in this split")
+    assert found is not None
+    if found == "plain" and not image_root and len({Path(f).parent for f in files}) > 1:
+        raise PreferenceDataError(f"{spec}: files in several directories; set data.image_root for their image paths")
+    root = (image_root or str(Path(files[0]).parent)) if found == "plain" else None
+    return PreferenceSource(files, fmt, found, root, counts, num, ties)
+
+
+def bucket_of(t: np.ndarray | torch.Tensor, edges: list[int]) -> np.ndarray:
+    """Index of the bucket [edges[i], edges[i+1]) each timestep falls in."""
+    return np.searchsorted(np.asarray(edges[1:]), np.asarray(t), side="right")
+
+
+def bucket_names(edges: list[int]) -> list[str]:
+    return [f"{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:], strict=False)]
+
+
+def _digest(value: Any) -> str:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def tag_examples(
+    batch: Any,
+    *,
+    layout: str,
+    split: str,
+    epoch: int,
+    seed: int,
+    prompt_counts: dict[str, int],
+    eval_fraction: float,
+    image_root: str | None,
+    bucket_edges: list[int],
+    timesteps_per_bucket: int,
+) -> Any:
+    """One Ray Data batch (pandas) of raw pairs -> rows the renderer takes, all keyed by pure functions.
+
+    Keeps the split's rows, reads plain-layout images as bytes, and adds ``example_id`` (a hash of the
+    prompt and both images: independent of file order), ``label_0``, ``weight`` = 1 / examples-per-prompt,
+    and the timestep: a training row gets t ~ U{0..999} keyed by (seed, epoch, example id); a held-out pair
+    becomes ``timesteps_per_bucket`` rows per bucket, t uniform inside the bucket.
+    """
+    import pandas as pd
+
+    prompt_col, img0, img1, label_col = PICKAPIC_COLUMNS if layout == "pickapic" else PLAIN_COLUMNS
+    rows = []
+    for _, row in batch.iterrows():
+        prompt = row[prompt_col]
+        if eval_fraction > 0 and in_eval_split(prompt, seed, eval_fraction) != (split == "eval"):
+            continue
+        if layout == "plain":
+            root = Path(image_root or ".")
+            images = [(root / row[c]).read_bytes() for c in (img0, img1)]
+        else:
+            images = [row[img0], row[img1]]
+            images = [im["bytes"] if isinstance(im, dict) else bytes(im) for im in images]  # HF Image feature
+        example_id = rng.derive_seed("spm-example", prompt, _digest(images[0]), _digest(images[1]))
+        base = {
+            "prompt": prompt, "image_0": images[0], "image_1": images[1],
+            "label_0": float(label_0_of(layout, np.array([row[label_col]]))[0]),
+            "weight": 1.0 / prompt_counts.get(prompt, 1), "example_id": example_id, "epoch": epoch,
+        }
+        if split == "train":
+            rows.append({**base, "slot": 0, "t": rng.randint(NUM_TIMESTEPS, "spm-t", seed, epoch, example_id)})
+            continue
+        for b, (lo, hi) in enumerate(zip(bucket_edges, bucket_edges[1:], strict=False)):
+            for r in range(timesteps_per_bucket):
+                slot = 1 + b * timesteps_per_bucket + r
+                rows.append({**base, "slot": slot, "t": lo + rng.randint(hi - lo, "spm-eval-t", seed, example_id, slot)})
+    columns = ["prompt", "image_0", "image_1", "label_0", "weight", "example_id", "epoch", "slot", "t"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def inspect_splits(cfg: SPMConfig) -> tuple[PreferenceSource, PreferenceSource | None]:
+    """Both splits checked on the driver (columns, labels, image files), before any cluster resource."""
+    d, seed = cfg.data, cfg.train.seed
+    if d.eval is not None:
+        train = inspect_preferences(d.train, d.layout, d.image_root)
+        return train, inspect_preferences(d.eval, d.layout, d.image_root)
+    train = inspect_preferences(d.train, d.layout, d.image_root, keep=lambda p: not in_eval_split(p, seed, d.eval_fraction))
+    if d.eval_fraction == 0:
+        return train, None
+    held = inspect_preferences(d.train, d.layout, d.image_root, keep=lambda p: in_eval_split(p, seed, d.eval_fraction))
+    return train, held

@@ -1,0 +1,99 @@
+"""The SPM-training driver: inputs checked, the render stream per split, the TorchTrainer, the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from spo_ray import rng
+from spo_ray.ray.common import make_split, torch_trainer
+from spo_ray.spm_training.config import PICKAPIC_COLUMNS, PLAIN_COLUMNS, SPMConfig
+from spo_ray.spm_training.data import PreferenceSource, inspect_splits, tag_examples
+from spo_ray.spm_training.render import X0Renderer
+from spo_ray.spm_training.trainer import spm_train_loop
+
+log = logging.getLogger(__name__)
+
+def _read_ray_dataset(src: PreferenceSource):
+    import ray.data
+
+    if src.fmt == "parquet":
+        cols = list(PICKAPIC_COLUMNS if src.layout == "pickapic" else PLAIN_COLUMNS)
+        return ray.data.read_parquet(src.files, columns=cols)
+    if src.fmt == "json":
+        return ray.data.read_json(src.files, lines=True, file_extensions=None)
+    return ray.data.read_csv(src.files)
+
+
+def build_stream(cfg: SPMConfig, src: PreferenceSource, split: str):
+    """Tagged rows (all epochs for ``train``) -> the renderer actor pool -> SPM-ready rows."""
+    import ray.data
+
+
+    kwargs = dict(
+        layout=src.layout, split=split, seed=cfg.train.seed, prompt_counts=src.prompt_counts,
+        eval_fraction=cfg.data.eval_fraction if cfg.data.eval is None else 0.0, image_root=src.image_root,
+        bucket_edges=cfg.eval.bucket_edges, timesteps_per_bucket=cfg.eval.timesteps_per_bucket,
+    )
+    epochs = range(cfg.train.epochs) if split == "train" else [-1]
+    parts = []
+    for epoch in epochs:
+        ds = _read_ray_dataset(src)
+        if split == "train":  # a different block order every epoch (a cheap, seeded shuffle)
+            ds = ds.randomize_block_order(seed=rng.derive_seed("spm-blocks", cfg.train.seed, epoch) % 2**31)
+        parts.append(ds.map_batches(tag_examples, batch_format="pandas", fn_kwargs={**kwargs, "epoch": epoch}))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return ds.map_batches(
+        X0Renderer,
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
+        batch_size=cfg.ray.render_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_renderers),
+        **cfg.ray.renderer.ray_options(),
+    )
+
+
+def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
+    """Train an SPM on the Ray cluster this process is connected to (or a local one); returns the summary."""
+    import yaml
+
+    train_src, eval_src = inspect_splits(cfg)  # bad data fails here, before any cluster resource
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log.info("%s: %d training pairs (%d ties, %d prompts, %s layout) x %d epoch(s); held-out pairs: %d",
+             cfg.run.name, train_src.num_examples, train_src.num_ties, len(train_src.prompt_counts), train_src.layout,
+             cfg.train.epochs, eval_src.num_examples if eval_src else 0)
+    from spo_ray.components import connect_ray
+
+    connect_ray(cfg.ray.address)
+    datasets = {"train": build_stream(cfg, train_src, "train")}
+    if eval_src is not None:
+        datasets["eval"] = build_stream(cfg, eval_src, "eval")
+    for ds in datasets.values():
+        ds.context.execution_no_progress_timeout_s = -1  # the trainer consumes eval only at the end
+    # Training rows split equally (every rank takes the same number of DeepSpeed steps) and in order (the
+    # epochs one after another; with one worker a run is a pure function of data and seeds); held-out
+    # rows split without dropping any (eval sums are reduced over ranks).
+    trainer = torch_trainer(
+        spm_train_loop, {"cfg": cfg.to_dict(), "has_eval": eval_src is not None},
+        resources=cfg.ray.trainer, num_workers=cfg.ray.num_trainers, run_name=cfg.run.name, run_dir=run_dir,
+        datasets=datasets, dataset_config=make_split(equal=lambda name: name == "train", in_order=lambda name: name == "train"),
+    )
+    started = time.time()
+    trainer.fit()
+    summary = {
+        "run_dir": str(run_dir),
+        **json.loads((run_dir / "trainer_summary.json").read_text()),
+        "data": {
+            "layout": train_src.layout, "train_pairs": train_src.num_examples, "train_ties": train_src.num_ties,
+            "train_prompts": len(train_src.prompt_counts), "eval_pairs": eval_src.num_examples if eval_src else 0,
+            "relabelled": cfg.data.relabel.enabled,
+        },
+        "seconds": time.time() - started,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
