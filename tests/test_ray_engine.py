@@ -229,13 +229,23 @@ def test_parity_and_resume_across_engines_at_lag_0(ray_cluster, tmp_path):
         run_in_process(load_config("tiny-sd15", overrides=[
             f"run.output_dir={out}", "run.progress=false", f"run.max_rounds={rounds}", *common]))
 
+    def stopped_after_2_rounds(run_dir: Path, out: Path) -> None:
+        """A run stopped after round 2: the run directory as it was then (its config, its records and
+        its checkpoint at position 2; the uninterrupted run wrote that very checkpoint)."""
+        import shutil
+
+        (out / "tiny-sd15" / "checkpoints").mkdir(parents=True)
+        shutil.copytree(run_dir / "checkpoints" / "round-0000002", out / "tiny-sd15" / "checkpoints" / "round-0000002")
+        for name in ("config.yaml", "metrics.jsonl"):
+            shutil.copy(run_dir / name, out / "tiny-sd15" / name)
+
     in_process(tmp_path / "local", 4)
     on_ray(tmp_path / "ray", 4)
-    in_process(tmp_path / "local-then-ray", 2)
-    resumed_on_ray = on_ray(tmp_path / "local-then-ray", 4)
-    on_ray(tmp_path / "ray-then-local", 2)
-    in_process(tmp_path / "ray-then-local", 4)
     local, ray_dir = tmp_path / "local" / "tiny-sd15", tmp_path / "ray" / "tiny-sd15"
+    stopped_after_2_rounds(local, tmp_path / "local-then-ray")
+    resumed_on_ray = on_ray(tmp_path / "local-then-ray", 4)
+    stopped_after_2_rounds(ray_dir, tmp_path / "ray-then-local")
+    in_process(tmp_path / "ray-then-local", 4)
 
     _assert_same_training(ray_dir, local)  # parity
     assert "(prompt-plan position 2, policy version 2, written by the in-process engine)" in resumed_on_ray
