@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from spo_ray.rendering import render_pair_strip, render_validation_grid, validat
 from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record, write_run_config
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.scoring import nonfinite_problem
+from spo_ray.stopping import GracefulInterrupt
 from spo_ray.tracking import RunTracker
 from spo_ray.training import LocalTrainer
 
@@ -71,29 +70,6 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
         interrupt.restore()
     tracker.end("KILLED" if interrupt.requested else "FINISHED")
     return result
-
-
-class GracefulInterrupt:
-    """The first SIGINT or SIGTERM asks the run to stop after the current round (with a
-    checkpoint, so a resume continues exactly); a second one stops at once (KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s: stopping after this round, with a checkpoint (again to stop at once)", self.requested)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
 
 def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path | None, started: float,

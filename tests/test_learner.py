@@ -49,8 +49,8 @@ NAN_ROWS = {1: {min(_micro(1, 1))}, 2: _micro(2, 3, 4, 5, 6) - {0}, 4: set(range
 INF_GRAD_ROWS = {3: {min(_micro(3, 3))}}  # round -> a row whose backward is inf (its loss is finite)
 
 
-def _cfg(stage: int = 2, max_nonfinite_steps: int = 5):
-    return load_config("tiny-sd15", overrides=[
+def _cfg(stage: int = 2, max_nonfinite_steps: int = 5, offload: bool = False):
+    return load_config("tiny-sd15", overrides=[f"ray.offload_optimizer={str(offload).lower()}",
         "train.train_batch_size=6", "train.grad_accum_steps=3", "train.learning_rate=0.05", "train.lr_warmup_steps=3",
         f"train.max_nonfinite_steps={max_nonfinite_steps}", f"ray.zero_stage={stage}",
     ])
@@ -138,6 +138,8 @@ def _worker(rank: int, world: int, port: int, out: str, stages: list[int]) -> No
                           "applied": learner.applied_steps(), "next_round": next_round, "raised": raised,
                           "state": vars(state)}
     results["wait_for_round"] = _wait_for_a_round(rank, world)
+    offload = _cfg(2, offload=True)  # ZeRO-2 with the optimizer offloaded to the CPU (the torch AdamW steps it)
+    results["offload"] = _run(DeepSpeedLearner(_model(), offload, torch.device("cpu")), offload, rounds=[0, 1])[0]
     results["bf16_resume"] = {stage: _bf16_resume(rank, world, Path(out).parent / f"bf16-{stage}", stage)
                               for stage in stages if stage}
     if rank == 0:
@@ -286,6 +288,8 @@ def test_deepspeed_learner_matches_the_in_process_learner(reference, deepspeed_r
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"], rel=1e-6)
     assert got["raised"] and "max_nonfinite_steps=2" in got["raised"]
     assert got["state"] == want["state"]
+    for a, b in zip(deepspeed_runs[world]["offload"], [r for r in want["records"] if r["round"] < 2], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["skipped"] == b["skipped"]
     kept = 3 if world == 1 else 7
     assert deepspeed_runs[world]["wait_for_round"] == (10, kept, 10 - kept)
     if stage:

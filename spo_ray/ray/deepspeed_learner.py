@@ -49,9 +49,14 @@ def deepspeed_config(
     ``gradient_clipping`` is DeepSpeed's own: under ZeRO-1/2 ``param.grad`` is freed after the
     reduction, so ``clip_grad_norm_`` on module parameters would clip nothing there."""
     zero: dict[str, Any] = {"stage": zero_stage}
+    extra: dict[str, Any] = {}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # The torch AdamW steps the offloaded fp32 partitions on the CPU (DeepSpeed would insist on
+        # its own compiled CPU Adam otherwise): the same optimizer and state layout everywhere.
+        extra["zero_force_ds_cpu_optimizer"] = False
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": max_grad_norm or 0.0,
