@@ -98,9 +98,11 @@ def test_killed_sampler_scorer_and_trainer_lose_nothing(ray_cluster, tmp_path):
 
 
 def test_stopped_full_finetuning_job_resumes_on_another_world_size(ray_cluster, tmp_path):
-    """`ray job stop` after the first checkpoint, then the same run name re-submitted with one
-    trainer worker instead of two: full fine-tuning (every UNet weight and its whole Adam moments
-    are in the checkpoint, so the world size may change) resumes and finishes with exact accounting."""
+    """`ray job stop` after the first periodic checkpoint: the trainer finishes its round, writes a
+    checkpoint there and stops (the job's RAY_JOB_STOP_WAIT_TIME_S leaves it the time); the same run
+    name re-submitted with one trainer worker instead of two resumes at that checkpoint: full
+    fine-tuning (DeepSpeed's fp32 masters and Adam moments, each rank's share, so the world size may
+    change) finishes with exact accounting and every round once."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_cluster)
@@ -111,7 +113,7 @@ def test_stopped_full_finetuning_job_resumes_on_another_world_size(ray_cluster, 
     ]
     job_id = client.submit_job(
         entrypoint="python jobs/spo_sd15.py " + " ".join([*common, "ray.num_trainers=2", "train.test_delay_s=1.0"]),
-        runtime_env={"working_dir": str(REPO), "env_vars": JOB_ENV},
+        runtime_env={"working_dir": str(REPO), "env_vars": {**JOB_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "240"}},
     )
     run_dir = tmp_path / "tiny-sd15"
     deadline = time.time() + 600
@@ -122,7 +124,10 @@ def test_stopped_full_finetuning_job_resumes_on_another_world_size(ray_cluster, 
     while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
         time.sleep(0.5)
     assert client.get_job_status(job_id) == JobStatus.STOPPED
-    assert not (run_dir / "summary.json").exists()
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["interrupted"] and "with a checkpoint at position" in stopped["stopped_by"]
+    position = stopped["position"]
+    assert 3 <= position < rounds and (run_dir / "checkpoints" / f"round-{position:07d}").is_dir()
 
     job_id = client.submit_job(
         entrypoint="python jobs/spo_sd15.py " + " ".join([*common, "ray.num_trainers=1"]),
@@ -132,7 +137,7 @@ def test_stopped_full_finetuning_job_resumes_on_another_world_size(ray_cluster, 
         time.sleep(1)
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-6000:]
-    assert "trainer resumed from" in logs and "(prompt-plan position 2," in logs
+    assert "trainer resumed from" in logs and f"(prompt-plan position {position}," in logs
     summary = json.loads((run_dir / "summary.json").read_text())
     a = summary["accounting"]
     assert summary["accounting_problems"] == [] and summary["world_size"] == 1

@@ -109,6 +109,7 @@ class RoundLedger:
         self.stale_reports = 0
         self.changed = asyncio.Condition()  # notified on every report: the trainer long-polls
         self.pair_refs: dict[tuple[int, int], list[list[ray.ObjectRef]]] = {}  # (round, dest rank) -> references
+        self.stop_reason: str | None = None
 
     def begin_stream(self, position: int) -> int:
         """A new stream from prompt-plan ``position`` (round index): returns its generation."""
@@ -157,6 +158,13 @@ class RoundLedger:
             nonfinite=sum(r.nonfinite for r in seen),
             score_sum=sum(r.score_sum for r in seen), images=sum(r.images for r in seen), buckets=_bucket_totals(seen),
         )
+
+    def request_stop(self, reason: str) -> None:
+        """The driver was asked to stop (SIGTERM from ``ray job stop``, or Ctrl-C)."""
+        self.stop_reason = self.stop_reason or reason
+
+    def stop_requested(self) -> str | None:
+        return self.stop_reason
 
     def post_pairs(self, round_index: int, src: int, outgoing: dict[int, list[ray.ObjectRef]]) -> None:
         """A trainer rank's pairs for the others (references, one per destination: pair routing)."""

@@ -27,6 +27,7 @@ from spo_ray.ray.trainer import train_loop_per_worker
 from spo_ray.ray.workers import ValidationRenderer
 from spo_ray.rendering import validation_set
 from spo_ray.run_log import write_run_config
+from spo_ray.stopping import GracefulInterrupt
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,12 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         max_failures=cfg.ray.max_failures,
     )
     started = time.time()
-    trainer.fit()
+    # SIGTERM (`ray job stop`) or Ctrl-C: the trainer finishes its round, checkpoints and stops.
+    interrupt = GracefulInterrupt(on_request=lambda reason: ledger.request_stop.remote(reason))
+    try:
+        trainer.fit()
+    finally:
+        interrupt.restore()
     totals = ray.get(ledger.totals.remote())
     gate = ray.get(store.stats.remote())
     trainer_summary = json.loads((run_dir / "trainer_summary.json").read_text())

@@ -76,7 +76,8 @@ class TrainerContext:
     started: float = field(default_factory=time.time)
     meter: telemetry.RoleMeter = field(default_factory=lambda: telemetry.RoleMeter("trainer"))
     sink: Any = None  # the run's telemetry sink
-    stopped_by: str | None = None  # why the run stopped early (non-finite values), after a checkpoint
+    stopped_by: str | None = None  # why the run stopped early (non-finite values, a stop request)
+    interrupted: bool = False  # stopped on request (ray job stop / Ctrl-C)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -138,6 +139,13 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
                 checkpoint(ctx, progress)
         ctx.meter.add(rounds=1, train_seconds=train_seconds, wait_seconds=trained - started)
         telemetry.report(ctx.sink, ctx.meter)  # fire and forget: running totals
+        if stop_requested(ctx):  # every rank: rank 0 asked the ledger, the answer is all-reduced
+            every = ctx.cfg.run.checkpoint_every_rounds
+            if not (every and progress.position % every == 0):  # unless one was just written
+                checkpoint(ctx, progress)
+            ctx.stopped_by = f"stopped after round {rnd.index}, with a checkpoint at position {progress.position}"
+            ctx.interrupted = True
+            break
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -191,6 +199,12 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
 
 
 # ----------------------------------------------------------------------------- the stages
+
+
+def stop_requested(ctx: TrainerContext) -> bool:
+    """Whether the driver was asked to stop (one small all-reduce per round)."""
+    asked = ctx.rank == 0 and ray.get(ctx.ledger.stop_requested.remote()) is not None
+    return ctx.learner.all_reduce_sum([float(asked)])[0] > 0
 
 
 def policy_lag(ctx: TrainerContext, progress: RunProgress, pairs: RoutedRound, rnd: Round) -> int:
@@ -316,7 +330,7 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
             "position": progress.position, "policy_version": progress.policy_version,
             "trainer_accounting": progress.accounting.to_dict(), "max_policy_lag_seen": max(ctx.lags, default=0),
             "lags": ctx.lags, "world_size": ctx.world, "global_step": progress.train.global_step,
-            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id, "stopped_by": ctx.stopped_by,
+            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id, "stopped_by": ctx.stopped_by, "interrupted": ctx.interrupted,
         }
         if ctx.tracker.active:
             ctx.tracker.log_artifact(final_dir, "final")
