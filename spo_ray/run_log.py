@@ -157,10 +157,25 @@ def write_run_config(run_dir: Path, cfg: Any) -> None:
     (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int = logging.INFO, in_ray_worker: bool = False) -> None:
     """INFO lines to stderr with time and module (every entry point and every Ray worker calls it;
-    a second call changes nothing)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a second call changes nothing). A Ray Train worker's root logger already has Ray's plain
+    handler, so there the ``spo_ray`` loggers get their own handler with this format (and stop
+    propagating, or every line would print twice)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if not in_ray_worker:
+        return
+    package_log = logging.getLogger("spo_ray")
+    package_log.setLevel(level)
+    if not any(getattr(h, "spo_ray_handler", False) for h in package_log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.spo_ray_handler = True  # type: ignore[attr-defined]
+        package_log.addHandler(handler)
+        package_log.propagate = False
 
 
 def next_round_step(global_step: int, last_round_step: int) -> int:

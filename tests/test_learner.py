@@ -169,7 +169,7 @@ def _bf16_resume(rank: int, world: int, run_dir: Path, stage: int) -> tuple[list
     return uninterrupted, [s["loss"] for s in _run(resumed, cfg, rounds=[5])[0]]
 
 
-def _wait_for_a_round(rank: int, world: int) -> tuple[int, int, int]:
+def _wait_for_a_round(rank: int, world: int) -> tuple[int, int, int, int]:
     """The trainer's wait for a round's end (ledger status from rank 0 + pairs arrived per rank),
     under the `meta` default device: its one collective runs on the trainer's device."""
     from spo_ray.ray.stream import wait_for_round
@@ -184,9 +184,9 @@ def _wait_for_a_round(rank: int, world: int) -> tuple[int, int, int]:
     kept = sum(3 + r for r in range(world))
     polls: list[int] = []
 
-    def ledger_status() -> tuple[bool, int, int, int]:  # the round completes at the 2nd poll
+    def ledger_status() -> tuple[bool, int, int, int, int]:  # the round completes at the 2nd poll
         polls.append(1)
-        return len(polls) >= 2, 10, kept, 10 - kept
+        return len(polls) >= 2, 10, kept, 10 - kept, 0
 
     with torch.device("meta"):
         return wait_for_round(Pump(), ledger_status, 0, rank, torch.device("cpu"), poll_s=0.01)
@@ -291,7 +291,7 @@ def test_deepspeed_learner_matches_the_in_process_learner(reference, deepspeed_r
     for a, b in zip(deepspeed_runs[world]["offload"], [r for r in want["records"] if r["round"] < 2], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["skipped"] == b["skipped"]
     kept = 3 if world == 1 else 7
-    assert deepspeed_runs[world]["wait_for_round"] == (10, kept, 10 - kept)
+    assert deepspeed_runs[world]["wait_for_round"] == (10, kept, 10 - kept, 0)
     if stage:
         uninterrupted, resumed = deepspeed_runs[world]["bf16_resume"][stage]
         assert len(resumed) == 3 and resumed == uninterrupted  # bit-identical

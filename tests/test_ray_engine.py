@@ -206,7 +206,8 @@ def _mlflow_keys(run_dir: Path) -> set[str]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
-    return set(run.data.metrics)
+    # system/* are sampled by MLflow's monitor on its own clock: which ones land depends on timing
+    return {key for key in run.data.metrics if not key.startswith("system/")}
 
 
 def test_parity_and_resume_across_engines_at_lag_0(ray_cluster, tmp_path):

@@ -247,7 +247,8 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
         timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "spo_ray.spm_training.trainer: step 10 |" in proc.stdout and "eval t   0-199: accuracy" in proc.stdout
+    assert "spo_ray.spm_training.trainer: step 10 |" in proc.stdout, proc.stdout[-6000:]
+    assert "eval t   0-199: accuracy" in proc.stdout, proc.stdout[-6000:]
     summary = json.loads((out / "spm-tiny" / "summary.json").read_text())
     acc, before = summary["accuracy_by_bucket"], summary["initial_accuracy_by_bucket"]
     print("\n".join(line for line in proc.stdout.splitlines() if "spm_training.trainer:" in line))

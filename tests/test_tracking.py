@@ -343,7 +343,12 @@ def test_default_store_is_one_sqlite_per_output_dir(tmp_path, monkeypatch, capsy
             f"{uri}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment.experiment_id]}, timeout=10
         )
         assert answer.status_code == 200
-        assert [r["info"]["run_id"] for r in answer.json()["runs"]] == [summary["mlflow_run_id"]]
+        served = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+                  for r in answer.json()["runs"]}
+        # both training runs and the comparison run `spo-ray compare` logged next to them
+        comparisons = [run_id for run_id, tags in served.items() if tags.get("spo_ray.kind") == "comparison"]
+        assert len(served) == 3 and len(comparisons) == 1
+        assert set(served) - set(comparisons) == {s["mlflow_run_id"] for s in summaries}
     finally:
         _stop(proc)
 

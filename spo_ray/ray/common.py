@@ -24,7 +24,7 @@ def worker_setup(ray_config: Any, role: str) -> None:
     shows the workers' progress lines) and the role's torch threads."""
     from spo_ray.run_log import configure_logging
 
-    configure_logging()
+    configure_logging(in_ray_worker=True)
     threads = role_threads(ray_config, role)
     if threads:
         torch.set_num_threads(threads)
