@@ -210,6 +210,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+RESUME_MODES = ("auto", "never")  # else run.resume is a checkpoint folder
+
+
+def resume_checkpoint(run_dir: str | Path, resume: str = "auto") -> Path | None:
+    """The checkpoint a run (re)starts from: its own latest; while it has none, the checkpoint
+    ``run.resume`` names (a fork), else none (a fresh run). Every start of the run asks this, so a
+    restarted trainer group or a re-submitted job continues the run's own checkpoints."""
+    own = latest_checkpoint(run_dir)
+    if own is not None or resume in RESUME_MODES:
+        return own
+    return Path(resume)
+
+
+def is_own_checkpoint(run_dir: str | Path, path: Path) -> bool:
+    """Whether ``path`` is one of this run's checkpoints (not another run's, as a fork starts from)."""
+    return checkpoint_dir(run_dir).resolve() == Path(path).resolve().parent
+
+
+def mlflow_run_to_continue(run_dir: str | Path, resumed: Path | None) -> str | None:
+    """The MLflow run a (re)start continues: its own checkpoint's; a fork starts a new one."""
+    if resumed is None or not is_own_checkpoint(run_dir, resumed):
+        return None
+    return read_progress(resumed).mlflow_run_id
+
+
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
     """Remove all but the newest ``keep`` checkpoints this run wrote: a folder named after the
     position its state records (a renamed copy is the user's and stays)."""
@@ -282,13 +307,17 @@ def resume_changes(cfg: Any) -> dict[str, tuple[Any, Any]]:
     resume may not make (FROZEN_ON_RESUME), before anything is written."""
     import yaml
 
-    saved_file = cfg.run_dir / "config.yaml"
-    if latest_checkpoint(cfg.run_dir) is None or not saved_file.is_file():
+    found = resume_checkpoint(cfg.run_dir, cfg.run.resume)
+    if found is None:
+        return {}
+    own = is_own_checkpoint(cfg.run_dir, found)
+    saved_file = (cfg.run_dir if own else Path(found).parent.parent) / "config.yaml"  # a fork: its source's
+    if not saved_file.is_file():
         return {}
     saved, now = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(cfg.to_dict())
     changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k) and k != "preset"}
-    frozen = [k for k in changes if k.startswith(FROZEN_ON_RESUME) or k == "run.name"]
+               if saved.get(k) != now.get(k) and k not in ("preset", "run.resume")}
+    frozen = [k for k in changes if k.startswith(FROZEN_ON_RESUME) or (own and k == "run.name")]
     if frozen:
         listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in frozen)
         raise ValueError(f"run {cfg.run.name} has a checkpoint and these settings cannot change across a resume: "

@@ -174,6 +174,10 @@ class RunConfig:
     max_rounds: int | None = None  # stop early (demos, tests)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     progress: bool = True
+    # "auto": continue from the run's latest checkpoint, if any; "never": a fresh run (a run
+    # directory that already holds a run is an error); a checkpoint folder: start from it (a fork
+    # of another run; once this run has checkpoints of its own, a re-submission continues those).
+    resume: str = "auto"
 
 
 class ConfigRoot:

@@ -14,7 +14,6 @@ server: one line ``spo-ray: <what>``, before the cluster is asked for anything; 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -131,7 +130,9 @@ def run_command(kind: str, args: argparse.Namespace, engine: str = "ray") -> int
         print("spo-ray: interrupted", file=sys.stderr)
         return 130
     if kind != "eval":  # the evaluation prints its table itself
-        print(json.dumps(result, indent=2, default=str))
+        from spo_ray.run_log import end_of_run_summary
+
+        print(end_of_run_summary(result))
     if result.get("stopped_by"):
         print(f"spo-ray: stopped: {result['stopped_by']}", file=sys.stderr)
         return 130 if result.get("interrupted") else 3

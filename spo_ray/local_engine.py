@@ -23,8 +23,9 @@ from spo_ray.checkpointing import (
     RunProgress,
     latest_checkpoint,
     load_checkpoint,
-    read_progress,
+    mlflow_run_to_continue,
     remove_stale_temporaries,
+    resume_checkpoint,
     save_checkpoint,
     upload_due,
 )
@@ -41,7 +42,15 @@ from spo_ray.export import export_policy
 from spo_ray.learner import NonFiniteError, checkpoint_shard, weights_finite
 from spo_ray.preflight import preflight
 from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_set
-from spo_ray.run_log import RoundScores, RunLog, next_round_step, round_record, write_run_config
+from spo_ray.run_log import (
+    RoundScores,
+    RunLog,
+    finished_run,
+    next_round_step,
+    report_finished,
+    round_record,
+    write_run_config,
+)
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.scoring import nonfinite_problem
 from spo_ray.stopping import GracefulInterrupt
@@ -55,11 +64,14 @@ def run_in_process(cfg: SPOConfig) -> dict[str, Any]:
     """Run SPO in this process; returns the run summary (also written to summary.json)."""
     started = time.time()
     prompt_set = preflight(cfg, ray=False)  # every bad input fails here, as on Ray, before any model loads
+    finished = finished_run(cfg.run_dir, last_round(cfg, prompt_plan(cfg, len(prompt_set.prompts))))
+    if finished is not None:
+        return report_finished(cfg, finished)
     device = resolve_device(cfg)
-    resumed = latest_checkpoint(cfg.run_dir)
+    resumed = resume_checkpoint(cfg.run_dir, cfg.run.resume)
     # The tracking server is checked (and the MLflow run started or continued) before any model loads.
     tracker = RunTracker(cfg, engine="in-process", background=True)
-    tracker.start(resume_run_id=read_progress(resumed).mlflow_run_id if resumed else None)
+    tracker.start(resume_run_id=mlflow_run_to_continue(cfg.run_dir, resumed))
     interrupt = GracefulInterrupt()  # Ctrl-C / SIGTERM: finish the round, checkpoint, stop
     try:
         result = _run(cfg, tracker, prompt_set, device, resumed, started, interrupt)

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from spo_ray.checkpointing import latest_checkpoint, resume_changes
+from spo_ray.checkpointing import (
+    RESUME_MODES,
+    checkpoint_problem,
+    latest_checkpoint,
+    resume_changes,
+    resume_checkpoint,
+)
 from spo_ray.components import fit_prompts_to_tokenizer, load_prompt_set
 from spo_ray.config import SPOConfig
 from spo_ray.learner import trainable_mismatch
@@ -49,6 +55,7 @@ def preflight(cfg: SPOConfig, *, ray: bool = True) -> PromptSet:
         prompt_set = fit_prompts_to_tokenizer(prompt_set, load_tokenizer(source))
         check_scorer_checkpoint(cfg)
         check_user_scorer(cfg)
+        check_resume_mode(cfg)
         check_resume_checkpoint(cfg, source)
         check_resume_config(cfg)
         if cfg.tracking.enabled:
@@ -165,6 +172,32 @@ def _meta_policy_shapes(cfg: SPOConfig, source: str) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in unet.named_parameters() if p.requires_grad}
 
 
+RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl")  # what makes a directory a run's
+
+
+def check_resume_mode(cfg: SPOConfig) -> None:
+    """``run.resume=never`` refuses a run directory that already holds a run; a checkpoint path
+    must be a whole checkpoint (once the run has its own checkpoints, those win, with a note)."""
+    resume = cfg.run.resume
+    if resume == "never":
+        held = [name for name in RUN_FILES if (cfg.run_dir / name).exists()]
+        if held:
+            raise ValueError(f"run.resume=never but {cfg.run_dir} already holds a run ({', '.join(held)}): "
+                             "choose another run.name or run.output_dir, or run.resume=auto to continue it")
+    elif resume not in RESUME_MODES:
+        own = latest_checkpoint(cfg.run_dir)
+        if own is not None:
+            log.info("run.resume=%s: %s has checkpoints of its own; continuing from its latest, %s",
+                     resume, cfg.run.name, own)
+            return
+        if not Path(resume).is_dir():
+            raise ValueError(f"run.resume={resume}: no such checkpoint folder (expected 'auto', 'never' or "
+                             "a checkpoint folder such as runs/<name>/checkpoints/checkpoint-0000010)")
+        problem = checkpoint_problem(Path(resume))
+        if problem:
+            raise ValueError(f"run.resume={resume}: {problem}")
+
+
 def check_resume_config(cfg: SPOConfig) -> None:
     changes = resume_changes(cfg)
     if changes:
@@ -180,7 +213,7 @@ def check_resume_checkpoint(cfg: SPOConfig, source: str) -> None:
 
     from spo_ray.checkpointing import PREFIX, checkpoint_dir, checkpoint_problem, shard_files
 
-    found = latest_checkpoint(cfg.run_dir)
+    found = resume_checkpoint(cfg.run_dir, cfg.run.resume)
     if found is None:
         damaged = sorted(p for p in checkpoint_dir(cfg.run_dir).glob(f"{PREFIX}*") if p.is_dir())
         if damaged:

@@ -182,3 +182,57 @@ def next_round_step(global_step: int, last_round_step: int) -> int:
     """The MLflow step of a round record: the round's last optimizer step; a round that trained
     nothing moves one step on, so no round metric has a step twice."""
     return global_step if global_step > last_round_step else last_round_step + 1
+
+
+def end_of_run_summary(result: Mapping[str, Any]) -> str:
+    """A few lines for a person at the end of a job: what was done, at what rate, how stale the
+    pairs were, how busy each role was, and where the outputs are. The full record (telemetry of
+    every actor, per-bucket counts) stays in ``summary.json``."""
+    if "accounting" not in result:  # evaluation / SPM training: their scalar results
+        return "\n".join(f"{key}: {value}" for key, value in result.items() if not isinstance(value, (dict, list)))
+    a, seconds = result["accounting"], max(float(result.get("seconds") or 0.0), 1e-9)
+    lines = ["already finished: nothing was run; the summary of the run as it finished:"] if result.get("already_finished") else []
+    lines += [
+        f"run {result['run_dir']} ({result.get('engine', '?')} engine): {a['prompts']} prompts, "
+        f"{a['optimizer_steps']} optimizer steps ({a['skipped_steps']} skipped) in {seconds:.0f} s",
+        f"pairs: scored {a['scoring_events']} = kept {a['kept']} + rejected {a['rejected']} + non-finite "
+        f"{a.get('dropped_nonfinite', 0)}; trained {a['trained']} ({a['trained'] / seconds:.2f} pairs/s, "
+        f"{a['dropped_rank_balance']} dropped for rank balance)",
+    ]
+    if "max_policy_lag_seen" in result:
+        lines.append(f"policy lag: max {result['max_policy_lag_seen']} (policy version {result['policy_version']})")
+    roles = (result.get("telemetry") or {}).get("roles") or {}
+    busy = [f"{role} {info['busy_fraction']:.0%}" for role, info in roles.items() if info.get("busy_fraction") is not None]
+    if busy:
+        lines.append("busy: " + ", ".join(busy))
+    lines.append(f"outputs in {result['run_dir']}: final/ (weights), summary.json (full record), {METRICS_FILE}")
+    if result.get("mlflow_run_id"):
+        lines.append(f"MLflow: run {result['mlflow_run_id']} at {result.get('mlflow_tracking_uri', '?')}")
+    for problem in result.get("accounting_problems") or []:
+        lines.append(f"ACCOUNTING PROBLEM: {problem}")
+    return "\n".join(lines)
+
+
+def finished_run(run_dir: Path, end: int) -> dict[str, Any] | None:
+    """The summary of a run that already reached round ``end`` and was not stopped early, else
+    None (a run to start or continue). A re-submitted finished run reports it instead of redoing
+    its last rounds and re-exporting."""
+    from spo_ray.checkpointing import latest_checkpoint, read_progress
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("stopped_by") or summary.get("position", -1) < end:
+        return None
+    own = latest_checkpoint(run_dir)
+    if own is not None and read_progress(own).position > summary["position"]:
+        return None
+    return summary
+
+
+def report_finished(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Log that the run is finished and what to change to train on; the stored summary."""
+    log.info("run %s is finished (%d rounds done, outputs in %s): nothing to do; raise run.max_rounds to "
+             "train on, or choose a new run.name for a new run", cfg.run.name, summary["position"], cfg.run_dir)
+    return {**summary, "already_finished": True}

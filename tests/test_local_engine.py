@@ -196,6 +196,39 @@ def test_resume_is_exact(tmp_path: Path, uninterrupted) -> None:
     _assert_same_as_uninterrupted(dir_b, summary_b, uninterrupted, resumed_at=2)
 
 
+def test_resume_modes_fork_finished_and_never(tmp_path: Path, uninterrupted, capsys) -> None:
+    """run.resume: a checkpoint of another run starts a fork that trains on exactly as that run
+    did (in a new MLflow run); a finished run re-submitted says so and runs nothing; `never`
+    refuses a directory that holds a run; a bad path is a clear error."""
+    dir_a, summary_a = uninterrupted
+    at_2 = next(p for p in list_checkpoints(dir_a) if load_checkpoint(p)[0].position == 2)
+    fork_args = [*RESUME, "run.name=fork", f"run.resume={at_2}", "run.checkpoint_every_rounds=2", "run.max_rounds=4"]
+    dir_f, summary_f = _train("tiny-sd15", tmp_path, *fork_args)
+    assert summary_f["accounting"] == summary_a["accounting"] and summary_f["position"] == 4
+    assert summary_f["mlflow_run_id"] != summary_a["mlflow_run_id"]
+    late_a = [s for s in _metrics(dir_a) if s["round"] >= 2]
+    steps_f = _metrics(dir_f)
+    assert [s["round"] for s in steps_f] == [s["round"] for s in late_a]  # only the rounds after the fork point
+    for a, f in zip(late_a, steps_f, strict=True):
+        assert f["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+    lora_a, lora_f = (load_file(str(d / "final" / LORA_WEIGHT_NAME)) for d in (dir_a, dir_f))
+    for key in lora_a:
+        torch.testing.assert_close(lora_f[key], lora_a[key], atol=1e-5, rtol=1e-5)
+
+    capsys.readouterr()
+    metrics_before = (dir_f / "metrics.jsonl").read_bytes()
+    assert cli.main(["train", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", "run.progress=false", *fork_args]) == 0
+    assert "already finished: nothing was run" in capsys.readouterr().out
+    assert (dir_f / "metrics.jsonl").read_bytes() == metrics_before
+
+    base = ["train", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", *RESUME, "run.name=fork"]
+    assert cli.main([*base, "run.resume=never"]) == 2
+    assert f"run.resume=never but {dir_f} already holds a run" in capsys.readouterr().err
+    assert cli.main([*base, "run.name=fork2", f"run.resume={tmp_path / 'nowhere'}"]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "fork2").exists()
+
+
 def test_ctrl_c_checkpoints_after_the_round_and_the_resume_is_exact(tmp_path: Path, uninterrupted) -> None:
     """SIGINT in the middle of a run (no periodic checkpoints): the round finishes, a checkpoint is
     written, the process says where and exits 130; resuming from it equals the uninterrupted run."""

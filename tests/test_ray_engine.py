@@ -86,6 +86,11 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     assert summary["max_policy_lag_seen"] <= 1
     assert 1 in summary["lags"]  # sampling overlapped training
     assert "round 3/3 | prompts 12 |" in proc.stdout  # the live progress line (a worker's INFO log)
+    # the end of the job: a few lines for a person, not the telemetry JSON (that is in summary.json)
+    counts = summary["accounting"]
+    assert f"pairs: scored {counts['scoring_events']} = kept {counts['kept']} +" in proc.stdout
+    assert f"policy lag: max {summary['max_policy_lag_seen']}" in proc.stdout
+    assert f"outputs in {run_dir}: final/" in proc.stdout and '"telemetry"' not in proc.stdout
     # MLflow from trainer rank 0, to the default sqlite store in the run directory.
     from mlflow.tracking import MlflowClient
 

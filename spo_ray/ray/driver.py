@@ -16,8 +16,8 @@ import ray.data
 
 from spo_ray import telemetry
 from spo_ray.accounting import Accounting
-from spo_ray.checkpointing import latest_checkpoint, read_progress, remove_stale_temporaries
-from spo_ray.components import connect_ray, prompt_plan
+from spo_ray.checkpointing import read_progress, remove_stale_temporaries, resume_checkpoint
+from spo_ray.components import connect_ray, last_round, prompt_plan
 from spo_ray.config import SPOConfig
 from spo_ray.preflight import preflight
 from spo_ray.ray.common import make_split, torch_trainer
@@ -26,7 +26,7 @@ from spo_ray.ray.stream import build_pair_stream
 from spo_ray.ray.trainer import train_loop_per_worker
 from spo_ray.ray.workers import ValidationRenderer
 from spo_ray.rendering import validation_set
-from spo_ray.run_log import write_run_config
+from spo_ray.run_log import finished_run, report_finished, write_run_config
 from spo_ray.stopping import GracefulInterrupt
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     """Run SPO on the Ray cluster this process is connected to (or a local one)."""
     prompts = preflight(cfg).prompts  # bad input fails here, before any cluster resource
+    plan = prompt_plan(cfg, len(prompts))
+    finished = finished_run(cfg.run_dir, last_round(cfg, plan))
+    if finished is not None:
+        return report_finished(cfg, finished)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(run_dir):
@@ -47,9 +51,8 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
             ray.kill(ray.get_actor(name))
         except ValueError:
             pass
-    plan = prompt_plan(cfg, len(prompts))
     round_sizes = {r.index: len(r.prompt_ids) for r in plan.rounds()}
-    resumed = latest_checkpoint(run_dir)
+    resumed = resume_checkpoint(run_dir, cfg.run.resume)
     baseline = read_progress(resumed).accounting.to_dict() if resumed else None
     if resumed:
         log.info("resuming %s from %s", cfg.run.name, resumed)
@@ -66,7 +69,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
         # Called by Ray Train before each worker-group start, before the train loop runs: the
         # store forgets the lost versions (rank 0 republishes the checkpoint's) and the ledger sets
         # the redone rounds' earlier counts apart.
-        found = latest_checkpoint(run_dir)
+        found = resume_checkpoint(run_dir, cfg.run.resume)
         position = read_progress(found).position if found else 0
         ray.get(store.reset.remote())
         generation = ray.get(ledger.begin_stream.remote(position))

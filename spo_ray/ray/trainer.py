@@ -28,9 +28,10 @@ import torch
 from spo_ray import records, telemetry
 from spo_ray.checkpointing import (
     RunProgress,
-    latest_checkpoint,
     load_checkpoint,
     load_trainable_weights,
+    mlflow_run_to_continue,
+    resume_checkpoint,
     save_checkpoint,
     upload_due,
 )
@@ -168,7 +169,7 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
     model.free_text_encoders()
     frozen_copy = setup_policy(model.unet, cfg.train)
     progress, moments = RunProgress(), None
-    resumed = latest_checkpoint(cfg.run_dir)
+    resumed = resume_checkpoint(cfg.run_dir, cfg.run.resume)
     if resumed is not None:
         progress, weights, moments = load_checkpoint(resumed)
         load_trainable_weights(model.unet, weights, source=str(resumed))
@@ -188,7 +189,7 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
         # MLflow from trainer rank 0 (Ray Train V2 refuses Tune logger callbacks); a restart or a
         # re-submission continues the checkpoint's MLflow run.
         ctx.tracker = RunTracker(cfg, engine="ray", background=True)
-        ctx.tracker.start(resume_run_id=progress.mlflow_run_id)
+        ctx.tracker.start(resume_run_id=mlflow_run_to_continue(cfg.run_dir, resumed))
         progress.mlflow_run_id = ctx.tracker.run_id
         ctx.run_log = RunLog(cfg.run_dir, ctx.tracker, resume_position=progress.position, total_rounds=ctx.end)
         if ctx.tracker.active:
@@ -330,7 +331,8 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
             "position": progress.position, "policy_version": progress.policy_version,
             "trainer_accounting": progress.accounting.to_dict(), "max_policy_lag_seen": max(ctx.lags, default=0),
             "lags": ctx.lags, "world_size": ctx.world, "global_step": progress.train.global_step,
-            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id, "stopped_by": ctx.stopped_by, "interrupted": ctx.interrupted,
+            "seconds": time.time() - ctx.started, "mlflow_run_id": ctx.tracker.run_id, "mlflow_tracking_uri": ctx.tracker.tracking_uri,
+            "stopped_by": ctx.stopped_by, "interrupted": ctx.interrupted,
         }
         if ctx.tracker.active:
             ctx.tracker.log_artifact(final_dir, "final")
