@@ -157,6 +157,9 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None = MLFLOW_TRACKING_URI, else sqlite in the run directory
     experiment: str = "spo-ray"
     log_pair_images_every: int = 0  # rounds; 0 = never
+    # A validation grid every N rounds and at the end (MLflow image key "validation", at the
+    # round's step); None = about 20 per run (every ceil(rounds / 20)); 0 = only at the end.
+    validation_every_rounds: int | None = None
     validation_prompts: list[str] = field(default_factory=list)  # empty = the first 4 prompts of the set
     register_model: str | None = None  # a registered model name: the final LoRA becomes a new version
     # Every checkpoint's path and file hashes are logged (a small JSON); its files are uploaded only
@@ -478,6 +481,10 @@ def validate_config(cfg: SPOConfig) -> None:
         (r.max_policy_lag >= 0, f"ray.max_policy_lag must be >= 0, got {r.max_policy_lag}"),
         (r.zero_stage in (0, 1, 2, 3), f"ray.zero_stage must be 0, 1, 2 or 3, got {r.zero_stage}"),
         (r.max_failures >= 0, f"ray.max_failures must be >= 0, got {r.max_failures}"),
+        (cfg.tracking.log_pair_images_every >= 0,
+         f"tracking.log_pair_images_every must be >= 0, got {cfg.tracking.log_pair_images_every}"),
+        (cfg.tracking.validation_every_rounds is None or cfg.tracking.validation_every_rounds >= 0,
+         f"tracking.validation_every_rounds must be >= 0 or null, got {cfg.tracking.validation_every_rounds}"),
         (cfg.tracking.upload_checkpoints_every >= 0,
          f"tracking.upload_checkpoints_every must be >= 0, got {cfg.tracking.upload_checkpoints_every}"),
         (cfg.run.checkpoint_every_rounds >= 0, f"run.checkpoint_every_rounds must be >= 0, got {cfg.run.checkpoint_every_rounds}"),

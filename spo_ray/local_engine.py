@@ -41,7 +41,7 @@ from spo_ray.config import SPOConfig
 from spo_ray.export import export_policy
 from spo_ray.learner import NonFiniteError, checkpoint_shard, weights_finite
 from spo_ray.preflight import preflight
-from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_set
+from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_due, validation_set
 from spo_ray.run_log import (
     RoundScores,
     RunLog,
@@ -126,14 +126,14 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     base_images = None
     last_grid_position = -1
 
-    def log_grid(name: str) -> None:
+    def log_grid() -> None:
         nonlocal base_images, last_grid_position
         if not tracker.active or not validation_prompts:
             return
         grid, base_images = render_validation_grid(
             model, frozen_copy, validation_prompts, validation_seeds, cfg.sampling, base_images=base_images
         )
-        tracker.log_image(grid, f"images/{name}.png")
+        tracker.log_image(grid, key="validation", step=progress.mlflow_round_step)
         last_grid_position = progress.position
 
     bar = tqdm(total=end, initial=progress.position, desc="rounds", disable=not cfg.run.progress, dynamic_ncols=True)
@@ -191,9 +191,9 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
         run_log.round(record, mlflow_step=progress.mlflow_round_step)
         every = cfg.tracking.log_pair_images_every
         if tracker.active and every > 0 and (rnd.index + 1) % every == 0 and num_pairs:
-            tracker.log_image(render_pair_strip(model, records, pairs), f"pairs/round_{rnd.index:07d}.png")
-        if (rnd.index + 1) % plan.rounds_per_epoch == 0:
-            log_grid(f"epoch_{rnd.epoch}")
+            tracker.log_image(render_pair_strip(model, records, pairs), key="pairs", step=progress.mlflow_round_step)
+        if validation_due(cfg.tracking.validation_every_rounds, progress.position, end):
+            log_grid()
         bar.update(1)
         bar.set_postfix(
             prompts=progress.accounting.prompts, kept=progress.accounting.kept, steps=progress.train.global_step,
@@ -212,7 +212,7 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     final_dir = run_dir / "final"
     export_policy(model.unet, kind=cfg.model.kind, lora=cfg.train.lora, directory=final_dir)
     if last_grid_position != progress.position:
-        log_grid("final")
+        log_grid()
     tracker.register_lora(final_dir, "final")
     accounting = progress.accounting
     result = {

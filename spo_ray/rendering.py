@@ -80,6 +80,18 @@ def pair_strip(
     return strip
 
 
+GRIDS_PER_RUN = 20  # validation_every_rounds=None: about this many grids over a run
+
+
+def validation_due(every: int | None, position: int, end: int) -> bool:
+    """Whether the round that brought the run to ``position`` (of ``end``) renders a validation
+    grid: every ``every`` rounds (None: about GRIDS_PER_RUN over the run; 0: never here, only
+    the end of the run renders one)."""
+    if every is None:
+        every = max(1, math.ceil(end / GRIDS_PER_RUN))
+    return every > 0 and position % every == 0
+
+
 def validation_set(cfg: SPOConfig, prompts: Sequence[str]) -> tuple[list[str], list[int]]:
     """The fixed validation prompts (configured, else the first 4 of the set) and their seeds."""
     chosen = list(cfg.tracking.validation_prompts) or list(prompts[:4])

@@ -3,12 +3,12 @@
     tracker = RunTracker(cfg, engine="in-process")
     tracker.start(resume_run_id=None)      # fails fast (TrackingError) on an unreachable server
     tracker.log_metrics({"loss": 0.69}, step=1)
-    tracker.log_image(image_grid(images, nrow=4), "images/epoch_0.png")
+    tracker.log_image(image_grid(images, nrow=4), key="validation", step=global_step)
     tracker.end("FINISHED")
 
-Where runs go: ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the
-run directory (``sqlite:///<run_dir>/mlflow.db``, artifacts in ``<run_dir>/mlartifacts``), which
-``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`` serves.
+Where runs go: ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else one SQLite store per
+output directory (``sqlite:///<run.output_dir>/mlflow.db``, artifacts in
+``<run.output_dir>/mlartifacts``), so one ``mlflow ui --backend-store-uri ...`` shows every run there.
 
 Everything goes through an ``MlflowClient`` with an explicit run id (never the global fluent
 active run), so the tracker is safe beside other threads and other MLflow users in the process.
@@ -40,6 +40,7 @@ log = logging.getLogger("spo_ray.tracking")
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
 MAX_TAG_VALUE = 8000
 BATCH = 100  # params / tags per log_batch call (MLflow's limit)
+IMAGE_FILE = re.compile(r"^(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]")  # log_image(key=, step=) files
 FAILURES_BEFORE_GIVING_UP = 3
 _INVALID_NAME = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
@@ -172,6 +173,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 # ----------------------------------------------------------------------------- the tracker
 
 
+def logged_images(client: Any, run_id: str) -> list[tuple[str, int, str]]:
+    """(key, step, artifact path) of every image ``log_image(key=, step=)`` gave the run, by step
+    (MLflow names the files ``images/<key, / as ~>+step+<step>+timestamp+...png``)."""
+    found = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        match = IMAGE_FILE.match(Path(artifact.path).name)
+        if match and artifact.path.endswith(".png"):
+            found.append((match["key"].replace("~", "/"), int(match["step"]), artifact.path))
+    return sorted(found, key=lambda item: (item[0], item[1]))
+
+
 class RunTracker:
     """One MLflow run of a training job; every method is a no-op when tracking is disabled."""
 
@@ -185,6 +197,7 @@ class RunTracker:
         self.resumed = False
         self._run_id: str | None = None
         self._last_step: dict[str, int] = {}
+        self._logged_images: set[tuple[str, int]] = set()  # (key, step): a resumed run logs none twice
         self._failures = 0
         self._monitor: Any = None
         self._ended = False
@@ -277,6 +290,7 @@ class RunTracker:
                 self.resumed = True
                 self.client.update_run(self._run_id, status="RUNNING")
                 self._last_step = self._metric_steps(run)
+                self._logged_images = {(key, step) for key, step, _ in logged_images(self.client, self._run_id)}
                 return
         run = self.client.create_run(self.experiment_id, run_name=self.cfg.run.name)
         self._run_id = run.info.run_id
@@ -413,9 +427,13 @@ class RunTracker:
         else:
             self._submit(what, fn)
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
-        """A PIL image or an HxWxC uint8 / float [0, 1] array, saved as ``artifact_file`` (PNG)."""
-        self._submit("log_image", lambda: self.client.log_image(self._run_id, image, artifact_file=artifact_file))
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image under ``key`` at ``step`` (the MLflow UI's image panel, with a step slider);
+        a step the run already has for that key (a resumed run redoing a round) is not logged again."""
+        if (key, step) in self._logged_images:
+            return
+        self._logged_images.add((key, step))
+        self._submit("log_image", lambda: self.client.log_image(self._run_id, image, key=key, step=step, synchronous=True))
 
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
         self._submit("log_dict", lambda: self.client.log_dict(self._run_id, dictionary, artifact_file))

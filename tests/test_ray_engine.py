@@ -109,15 +109,21 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     for role in ("trainer", "sampler", "scorer"):  # the actors' fractions come from the telemetry sink
         history = client.get_metric_history(run.info.run_id, f"busy/{role}")
         assert len(history) >= 2 and all(0 <= m.value <= 1 for m in history), role
-    # Images: the renderer actor's validation grid (3 of 4 rounds: no epoch ended, so "final"),
-    # 4 prompts, base row above policy row, 64 px tiles; the scorers' win/lose strips per round.
+    # Images (log_image key/step at the rounds' steps): the renderer actor's validation grid after
+    # every round (3 rounds: about 20 per run means every round), 4 prompts, base row above policy
+    # row, 64 px tiles; the scorers' win/lose strips of the rounds that kept pairs.
     from PIL import Image
 
-    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
-    with Image.open(artifacts / "images" / "final.png") as grid:
+    from spo_ray.tracking import logged_images
+
+    images = logged_images(client, run.info.run_id)
+    round_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "mean_score"))
+    assert [step for key, step, _ in images if key == "validation"] == round_steps
+    strip_steps = [step for key, step, _ in images if key == "pairs"]
+    assert strip_steps and set(strip_steps) <= set(round_steps)
+    last_grid = [path for key, _, path in images if key == "validation"][-1]
+    with Image.open(client.download_artifacts(run.info.run_id, last_grid, str(tmp_path / "artifacts"))) as grid:
         assert grid.format == "PNG" and grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
-    strips = sorted(p.name for p in (artifacts / "pairs").glob("*.png"))
-    assert strips and set(strips) <= {f"round_{r:07d}.png" for r in range(3)}
     assert lora_changes_pipeline("sd15", run_dir / "final") > 1e-4
 
     # Re-submitted with the same run name and ONE trainer worker: it resumes from the checkpoint

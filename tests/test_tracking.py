@@ -33,6 +33,7 @@ from spo_ray.tracking import (
     RunTracker,
     TrackingError,
     flatten_config,
+    logged_images,
     metric_name,
 )
 
@@ -169,14 +170,19 @@ def test_run_is_tracked(server, tracked, tmp_path) -> None:
     busy = [metrics[f"busy/{role}"] for role in ("sampler", "scorer", "trainer")]
     assert all(0 < b < 1 for b in busy) and sum(busy) <= 1.0 + 1e-6
 
-    # artifacts: the epoch's image grid (base row above current row, 4 prompts of 64 px, padding 2)
-    grid = _png(client, run_id, "images/epoch_0.png", tmp_path)
+    # images through log_image(key, step), at the rounds' steps: a validation grid every round (2
+    # rounds: about 20 per run means every round) and so no extra one at the end, a win/lose strip
+    # every round (log_pair_images_every=1)
+    images = logged_images(client, run_id)
+    round_steps = _history(client, run_id, "mean_score")
+    assert [step for key, step, _ in images if key == "validation"] == round_steps
+    assert [step for key, step, _ in images if key == "pairs"] == round_steps
+    assert run.data.tags["mlflow.loggedImages"] == "True"  # the UI's image panel
+    by_key = {key: path for key, _, path in images}  # the last of each
+    grid = _png(client, run_id, by_key["validation"], tmp_path)  # base row above policy row, 4 prompts of 64 px
     assert grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
-    names = {a.path for a in client.list_artifacts(run_id, "images")}
-    assert names == {"images/epoch_0.png"}  # the run ended at the epoch's end: no separate final grid
-    for r in (0, 1):
-        strip = _png(client, run_id, f"pairs/round_{r:07d}.png", tmp_path)
-        assert strip.width >= 4 * 64 and 2 * 64 < strip.height < 2 * 64 + 60
+    strip = _png(client, run_id, by_key["pairs"], tmp_path)
+    assert strip.width >= 4 * 64 and 2 * 64 < strip.height < 2 * 64 + 60
     checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert checkpoints == {f"checkpoints/round-000000{r}{ext}" for r in (1, 2) for ext in ("", ".json")}
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints/round-0000002")}
@@ -229,9 +235,9 @@ def test_resume_continues_the_same_run(server, tracked) -> None:
         history = _history(client, run_id, key)
         assert len(history) == len(set(history)) and history == sorted(history), f"{key}: {history}"
     assert len(_history(client, run_id, "mean_score")) == 4
-    # grids: epoch 0 (first call), final (the second call ended mid-epoch), epoch 1 (third call)
-    images = {a.path for a in client.list_artifacts(run_id, "images")}
-    assert images == {"images/epoch_0.png", "images/final.png", "images/epoch_1.png"}
+    # one grid per round's step: the third call redid round 3, whose grid is not logged twice
+    grid_steps = [step for key, step, _ in logged_images(client, run_id) if key == "validation"]
+    assert grid_steps == _history(client, run_id, "mean_score")
     assert "checkpoints/round-0000004" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     state = (tracked["out"] / "tracked" / "checkpoints" / "round-0000004" / "state.json").read_text()
     assert run_id in state

@@ -45,6 +45,7 @@ from spo_ray.ray.coordination import actor_names
 from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
 from spo_ray.ray.routing import RoutedRound, route_round
 from spo_ray.ray.stream import ShardPump, wait_for_round
+from spo_ray.rendering import validation_due
 from spo_ray.run_log import RunLog, next_round_step, round_record
 from spo_ray.scoring import nonfinite_problem
 from spo_ray.tracking import RunTracker
@@ -71,7 +72,7 @@ class TrainerContext:
     run_log: RunLog | None = None  # rank 0
     renderer: Any = None  # rank 0, with tracking and validation prompts
     publisher: Publisher | None = None  # rank 0
-    pending_grids: list[tuple[str, Future]] = field(default_factory=list)
+    pending_grids: list[tuple[int, Future]] = field(default_factory=list)  # (MLflow step, publish)
     last_grid_position: int = -1
     lags: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.time)
@@ -262,12 +263,14 @@ def publish(ctx: TrainerContext, progress: RunProgress, *, rollback: bool = Fals
                              f"version {progress.policy_version} was not published")
     if ctx.rank != 0:
         return
-    epoch_ended = progress.position % ctx.plan.rounds_per_epoch == 0
-    grid = ctx.renderer is not None and not rollback and epoch_ended
+    # publish() runs before progress.position moves on: this version ends round `position`
+    ends_at = progress.position + 1
+    grid = (ctx.renderer is not None and not rollback
+            and validation_due(ctx.cfg.tracking.validation_every_rounds, ends_at, ctx.end))
     done = ctx.publisher.submit(progress.policy_version, weights, rollback=rollback, grid=grid)
-    if grid:
-        ctx.pending_grids.append((f"epoch_{(progress.position - 1) // ctx.plan.rounds_per_epoch}", done))
-        ctx.last_grid_position = progress.position
+    if grid:  # at the round's MLflow step, as report() will compute it
+        ctx.pending_grids.append((next_round_step(progress.train.global_step, progress.mlflow_round_step), done))
+        ctx.last_grid_position = ends_at
 
 
 def account(progress: RunProgress, rnd: Round, scored: tuple[int, int, int, int], pairs: RoutedRound,
@@ -296,7 +299,7 @@ def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pai
         ctx.pending_grids = log_ready_grids(ctx.tracker, ctx.pending_grids)
         strip = ray.get(ctx.ledger.take_strip.remote(rnd.index))
         if strip is not None:
-            ctx.tracker.log_image(_image(strip), f"pairs/round_{rnd.index:07d}.png")
+            ctx.tracker.log_image(_image(strip), key="pairs", step=progress.mlflow_round_step)
 
 
 def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
@@ -316,7 +319,8 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
     weights = ctx.learner.trainable_weights()  # collective under ZeRO-3: every rank calls it
     if ctx.rank == 0:
         if ctx.renderer is not None and ctx.last_grid_position != progress.position:
-            ctx.pending_grids.append(("final", ctx.publisher.submit(progress.policy_version, weights, grid=True)))
+            ctx.pending_grids.append((progress.mlflow_round_step,
+                                      ctx.publisher.submit(progress.policy_version, weights, grid=True)))
         ctx.publisher.wait()
         if ctx.renderer is not None:
             log_ready_grids(ctx.tracker, ctx.pending_grids, wait=True)
@@ -369,19 +373,19 @@ def _image(png: bytes) -> Any:
     return Image.open(io.BytesIO(png))
 
 
-def log_ready_grids(tracker: RunTracker, pending: list[tuple[str, Future]], wait: bool = False) -> list[tuple[str, Future]]:
+def log_ready_grids(tracker: RunTracker, pending: list[tuple[int, Future]], wait: bool = False) -> list[tuple[int, Future]]:
     """Log the validation grids that are rendered (all of them with ``wait``); return the rest.
     Each entry's future is its version's publish, which returns the renderer's task."""
     still = []
-    for name, published in pending:
+    for step, published in pending:
         if not (wait or published.done()):
-            still.append((name, published))
+            still.append((step, published))
             continue
         rendered = published.result()
         ready, _ = ray.wait([rendered], timeout=None if wait else 0)
         if ready:
-            tracker.log_image(_image(ray.get(rendered)), f"images/{name}.png")
+            tracker.log_image(_image(ray.get(rendered)), key="validation", step=step)
         else:
-            still.append((name, published))
+            still.append((step, published))
     return still
 
