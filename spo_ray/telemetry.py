@@ -51,6 +51,7 @@ class RoleMeter:
 
     role: str
     actor: str = field(default_factory=lambda: f"pid{os.getpid()}")
+    run: str = ""  # run.name: the tag of this meter's Ray metrics (spo_ray.ray.metrics)
     busy_seconds: float = 0.0
     first_start: float | None = None  # the first busy interval's start
     last_end: float | None = None  # the last busy interval's end

@@ -401,7 +401,7 @@ def test_disabled_tracker_is_a_no_op(tmp_path) -> None:
     tracker = RunTracker(cfg, engine="in-process")
     assert tracker.start() is None and tracker.run_id is None and not tracker.active
     tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker.log_image(Image.new("RGB", (4, 4)), "x.png")
+    tracker.log_image(Image.new("RGB", (4, 4)), key="validation", step=1)
     tracker.end("FINISHED")
     assert not (tmp_path / "mlflow.db").exists()
 

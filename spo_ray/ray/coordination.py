@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from spo_ray.config import SPOConfig
+from spo_ray.ray.metrics import observe_gate_wait
 from spo_ray.run_log import RoundScores
 
 
@@ -39,8 +40,8 @@ class PolicyStore:
     Keeps at most ``keep`` versions (max_policy_lag + 1).
     """
 
-    def __init__(self, keep: int):
-        self.keep = keep
+    def __init__(self, keep: int, run: str = ""):
+        self.keep, self.run = keep, run
         self.versions: dict[int, tuple[list[ray.ObjectRef], float]] = {}  # version -> ([ref], published at)
         self.changed = asyncio.Condition()
         self.blocked_waits = 0
@@ -81,6 +82,7 @@ class PolicyStore:
             if self.newest() < min_version:
                 self.blocked_waits += 1
                 await self.changed.wait_for(lambda: self.newest() >= min_version)
+                observe_gate_wait(self.run, time.monotonic() - started)
             self.wait_seconds += time.monotonic() - started
             version = self.newest()
             refs, published_at = self.versions[version]

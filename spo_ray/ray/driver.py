@@ -56,7 +56,7 @@ def run_on_ray(cfg: SPOConfig) -> dict[str, Any]:
     baseline = read_progress(resumed).accounting.to_dict() if resumed else None
     if resumed:
         log.info("resuming %s from %s", cfg.run.name, resumed)
-    store = PolicyStore.options(name=names["store"]).remote(keep=cfg.ray.max_policy_lag + 1)
+    store = PolicyStore.options(name=names["store"]).remote(keep=cfg.ray.max_policy_lag + 1, run=cfg.run.name)
     ledger = RoundLedger.options(name=names["ledger"]).remote(round_sizes, baseline)
     coordinators = [store, ledger, telemetry.start_sink(cfg.run.name)]  # the sink: per-role metering
     validation_prompts, validation_seeds = validation_set(cfg, prompts)

@@ -43,6 +43,7 @@ from spo_ray.prompts import PromptPlan, Round
 from spo_ray.ray.common import trainer_device, worker_setup
 from spo_ray.ray.coordination import actor_names
 from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
+from spo_ray.ray.metrics import export_round, report_meter
 from spo_ray.ray.routing import RoutedRound, route_round
 from spo_ray.ray.stream import ShardPump, wait_for_round
 from spo_ray.rendering import validation_due
@@ -94,7 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ctx.tracker.end("FAILED")
         raise
     finally:
-        telemetry.report(ctx.sink, ctx.meter, wait=True)  # peak memory and the totals, at exit
+        report_meter(ctx.sink, ctx.meter, wait=True)  # peak memory and the totals, at exit
     if ctx.tracker is not None:
         ctx.tracker.end("FINISHED")
 
@@ -140,7 +141,7 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
             with timed(ctx, "checkpoint_seconds"):
                 checkpoint(ctx, progress)
         ctx.meter.add(rounds=1, train_seconds=train_seconds, wait_seconds=trained - started)
-        telemetry.report(ctx.sink, ctx.meter)  # fire and forget: running totals
+        report_meter(ctx.sink, ctx.meter)  # fire and forget: running totals
         if stop_requested(ctx):  # every rank: rank 0 asked the ledger, the answer is all-reduced
             every = ctx.cfg.run.checkpoint_every_rounds
             if not (every and progress.position % every == 0):  # unless one was just written
@@ -184,7 +185,7 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
                           autocast=autocast_dtype(cfg.train, device))
     plan = prompt_plan(cfg, num_prompts)
     ctx = TrainerContext(cfg, rank, world, learner, loss_fn, pump, store, ledger, plan, last_round(cfg, plan))
-    ctx.meter.actor, ctx.sink = f"rank{rank}", telemetry.connect(cfg.run.name)
+    ctx.meter.actor, ctx.meter.run, ctx.sink = f"rank{rank}", cfg.run.name, telemetry.connect(cfg.run.name)
     progress.engine = "ray"
     if rank == 0:
         # MLflow from trainer rank 0 (Ray Train V2 refuses Tune logger callbacks); a restart or a
@@ -295,6 +296,7 @@ def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pai
     progress.mlflow_round_step = next_round_step(progress.train.global_step, progress.mlflow_round_step)
     ctx.run_log.steps(steps)
     ctx.run_log.round(record, mlflow_step=progress.mlflow_round_step)
+    export_round(ctx.cfg.run.name, record, progress.policy_version)  # Ray metrics (Prometheus, dashboard)
     if ctx.tracker.active:
         ctx.pending_grids = log_ready_grids(ctx.tracker, ctx.pending_grids)
         strip = ray.get(ctx.ledger.take_strip.remote(rnd.index))

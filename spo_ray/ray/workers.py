@@ -21,6 +21,7 @@ from spo_ray.components import apply_fast_path, build_pool_scorer, load_model, r
 from spo_ray.config import config_from_dict
 from spo_ray.ray.common import worker_setup
 from spo_ray.ray.coordination import ScoredPrompt, actor_names
+from spo_ray.ray.metrics import report_meter
 from spo_ray.rendering import png_bytes, render_pair_strip, render_validation_grid
 from spo_ray.sampling import CandidatePoolSampler
 from spo_ray.training import add_lora, setup_policy
@@ -49,7 +50,8 @@ class SamplerWorker:
         self.sampler = CandidatePoolSampler(self.model, self.cfg.sampling, self.cfg.train.seed)
         self.store = ray.get_actor(actor_names(self.cfg)["store"])
         self.version = -1
-        self.meter, self.telemetry = telemetry.RoleMeter("sampler"), telemetry.connect(self.cfg.run.name)
+        self.meter = telemetry.RoleMeter("sampler", run=self.cfg.run.name)
+        self.telemetry = telemetry.connect(self.cfg.run.name)
 
     def _sync_policy(self, round_index: int) -> None:
         """Pass the staleness gate; load the newest version when it is newer than the one held."""
@@ -82,7 +84,7 @@ class SamplerWorker:
                 bytes_out=telemetry.payload_bytes(out),
                 min_bytes_out=telemetry.trajectory_min_bytes(rec, self.model.dtype.itemsize),
             )
-            telemetry.report(self.telemetry, self.meter)
+            report_meter(self.telemetry, self.meter)
             yield out
 
 
@@ -99,7 +101,8 @@ class ScorerWorker:
         apply_fast_path(self.model, self.cfg, device, inference_only=True)
         self.pool_scorer = build_pool_scorer(self.cfg, self.model, device)
         self.ledger = ray.get_actor(actor_names(self.cfg)["ledger"])
-        self.meter, self.telemetry = telemetry.RoleMeter("scorer"), telemetry.connect(self.cfg.run.name)
+        self.meter = telemetry.RoleMeter("scorer", run=self.cfg.run.name)
+        self.telemetry = telemetry.connect(self.cfg.run.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wall_started = time.time()
@@ -123,7 +126,7 @@ class ScorerWorker:
             wall_started, time.time(), images_scored=stats.images, scoring_events=stats.events, kept=stats.kept,
             bytes_out=telemetry.payload_bytes(out), min_bytes_out=telemetry.pair_min_bytes(pairs, self.model.dtype.itemsize),
         )
-        telemetry.report(self.telemetry, self.meter)
+        report_meter(self.telemetry, self.meter)
         return out
 
     def _offer_pair_strip(self, rec: dict[str, Any], pairs: dict[str, Any]) -> None:
