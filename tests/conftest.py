@@ -24,6 +24,7 @@ DASHBOARD_PORT = 8299 + _OFFSET
 GCS_PORT = 6399 + _OFFSET
 AGENT_PORT = 52399 + _OFFSET
 CLIENT_PORT = 9001 + _OFFSET  # below the worker port range (10002-19999)
+METRICS_PORT = 8399 + _OFFSET  # Prometheus endpoint of the node's metrics agent
 JOB_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # ray.train.report blocks ~1.5 s per call otherwise
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions"),  # DeepSpeed's op compiles once
@@ -68,7 +69,7 @@ def ray_cluster():
             "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(DASHBOARD_PORT), "--port", str(GCS_PORT), "--num-cpus", "8",
             "--dashboard-agent-listen-port", str(AGENT_PORT), "--ray-client-server-port", str(CLIENT_PORT),
-            "--disable-usage-stats", "--temp-dir", str(temp_dir),
+            "--metrics-export-port", str(METRICS_PORT), "--disable-usage-stats", "--temp-dir", str(temp_dir),
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -98,3 +99,23 @@ def submit_job(address: str, script: str, *args: str, timeout: int = 600) -> sub
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     sys.stderr.write(f"[submit_job] {script} {' '.join(args)} took {time.time() - started:.0f}s rc={proc.returncode}\n")
     return proc
+
+
+def scrape_ray_metrics(run: str, want: dict[str, float | None], timeout: float = 60.0) -> dict[str, float]:
+    """The test cluster's Prometheus endpoint: each wanted metric's value for ``run`` (summed over
+    its series: roles, workers; a histogram by its ``_count``). Ray exports every ~10 s, so this
+    polls until every wanted metric is there and equals its wanted value (None: any value)."""
+    import re
+    import urllib.request
+
+    line = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+    deadline, found = time.time() + timeout, {}
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+        found = {}
+        for match in map(line.match, text.splitlines()):
+            if match and f'run="{run}"' in match["labels"]:
+                found[match["name"]] = found.get(match["name"], 0.0) + float(match["value"])
+        if all(k in found and (v is None or found[k] == v) for k, v in want.items()) or time.time() > deadline:
+            return found
+        time.sleep(2)

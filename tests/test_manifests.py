@@ -277,12 +277,39 @@ def k8s_errors(obj: dict[str, Any]) -> list[str]:
     return errors
 
 
+# The Prometheus operator's PodMonitor has no schema here (its CRD is not among ../shared): the
+# keys spo-ray uses, checked closed, so a typo is still an error.
+POD_MONITOR_KEYS = {
+    "": {"apiVersion", "kind", "metadata", "spec"},
+    "metadata": {"name", "labels", "namespace"},
+    "spec": {"jobLabel", "namespaceSelector", "selector", "podMetricsEndpoints"},
+    "endpoint": {"port", "interval", "scrapeTimeout", "path", "honorLabels"},
+}
+
+
+def pod_monitor_errors(obj: dict[str, Any]) -> list[str]:
+    errors = [f"{where or 'top'}: unknown key {key}" for where, node in (("", obj), ("metadata", obj["metadata"]),
+              ("spec", obj["spec"])) for key in node if key not in POD_MONITOR_KEYS[where]]
+    if obj["apiVersion"] != "monitoring.coreos.com/v1":
+        errors.append(f"apiVersion {obj['apiVersion']}")
+    for endpoint in obj["spec"].get("podMetricsEndpoints") or [{}]:
+        errors += [f"podMetricsEndpoints: unknown key {k}" for k in endpoint if k not in POD_MONITOR_KEYS["endpoint"]]
+        if "port" not in endpoint:
+            errors.append("podMetricsEndpoints: an endpoint without a port")
+    if not obj["spec"].get("selector", {}).get("matchLabels"):
+        errors.append("spec.selector.matchLabels is empty (it would scrape every pod)")
+    return errors
+
+
 @pytest.mark.parametrize("name,objects", all_manifest_sets(), ids=[n for n, _ in all_manifest_sets()])
 def test_objects_validate_strictly(name, objects):
     assert objects, f"{name} renders nothing"
     for obj in objects:
         where = f"{name}: {obj['kind']}/{obj['metadata']['name']}"
-        errors = crd_errors(obj) if obj["kind"] in RAY_KINDS else k8s_errors(obj)
+        if obj["kind"] == "PodMonitor":
+            errors = pod_monitor_errors(obj)
+        else:
+            errors = crd_errors(obj) if obj["kind"] in RAY_KINDS else k8s_errors(obj)
         assert not errors, where + "\n  " + "\n  ".join(errors)
 
 
@@ -582,12 +609,44 @@ def test_mlflow_server_accepts_the_ray_pods_and_port_forward():
     assert args["backend-store-uri"].startswith("sqlite:////mlflow/")
 
 
+def test_monitoring_scrapes_every_ray_pod_and_the_dashboard_uses_exported_metrics():
+    """The PodMonitor selects every Ray pod of every shipped RayJob/RayCluster (head and role
+    workers) on a port that each Ray container declares and that rayStartParams exports metrics
+    on; the Grafana dashboard (a ConfigMap Grafana's sidecar loads) queries only metric names the
+    engine exports (spo_ray.ray.metrics; the Ray job test scrapes them from a live cluster)."""
+    from spo_ray.ray.metrics import prometheus_names
+
+    objects = list(rendered(CLUSTER / "monitoring"))
+    (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
+    (dashboard_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"  # kube-prometheus-stack's selector
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    groups = [spec["headGroupSpec"] for _, spec in ray_cluster_specs([o for _, objs in all_manifest_sets() for o in objs])]
+    groups += [g for _, objs in all_manifest_sets() for _, spec in ray_cluster_specs(objs) for g in spec["workerGroupSpecs"]]
+    assert len(groups) >= 8
+    for group in groups:
+        # KubeRay adds ray.io/is-ray-node=yes to every Ray pod; the rest are the template's labels
+        labels = {**group["template"]["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
+        assert wanted.items() <= labels.items(), group.get("groupName", "head")
+        ports = {p["name"]: p["containerPort"] for p in ray_container(group).get("ports", [])}
+        assert str(ports[endpoint["port"]]) == group["rayStartParams"]["metrics-export-port"]
+
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["spo-ray-dashboard.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bray_spo_[a-z_]+", expr)}
+    assert used and used <= prometheus_names(), used - prometheus_names()
+    assert all('run=~"$run"' in expr for expr in exprs)  # every panel follows the run picker
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "run"}
+
+
 def test_readme_documents_deployment():
     text = (CLUSTER / "README.md").read_text()
     for needle in (
         "create secret generic spo-ray-auth", "auth_token", "spo-hf-token", "apply -k",
         "port-forward", "127.0.0.1:8265", "RAY_AUTH_MODE=token", "ray job submit", "estimate",
-        "cluster/rehearsal.sh",
+        "cluster/rehearsal.sh", "cluster/monitoring",
     ):
         assert needle in text, needle
     for overlay in ("overlays/sd15", "overlays/single-node-8gpu"):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from spo_ray.config import load_config
 from spo_ray.local_engine import run_in_process
-from tests.conftest import submit_job
+from tests.conftest import scrape_ray_metrics, submit_job
 
 pytestmark = pytest.mark.slow
 
@@ -69,14 +69,15 @@ def lora_changes_pipeline(kind: str, final_dir: Path) -> float:
 
 
 def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
+    name = "run.name=two-trainers"  # its own name: the Ray metrics below are this run's alone
     proc = submit_job(
-        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15",
+        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", name,
         f"run.output_dir={tmp_path}", "run.max_rounds=3", *TWO_SAMPLERS_TWO_TRAINERS, "train.test_delay_s=2.0",
         "tracking.log_pair_images_every=1",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout.lower()
-    run_dir = tmp_path / "tiny-sd15"
+    run_dir = tmp_path / "two-trainers"
     summary = read_summary(run_dir)
     assert_accounting(summary)
     assert summary["world_size"] == 2
@@ -125,12 +126,28 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     with Image.open(client.download_artifacts(run.info.run_id, last_grid, str(tmp_path / "artifacts"))) as grid:
         assert grid.format == "PNG" and grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
     assert lora_changes_pipeline("sd15", run_dir / "final") > 1e-4
+    # Ray-native metrics on the cluster's Prometheus endpoint (--metrics-export-port): the
+    # samplers' and scorers' counters add up to the run's accounting; trainer rank 0's gauges
+    # hold the last round; the gate waits that blocked are a histogram.
+    want = {"ray_spo_prompts_total": counts["prompts"], "ray_spo_scoring_events_total": counts["scoring_events"],
+            "ray_spo_kept_total": counts["kept"], "ray_spo_round": 2, "ray_spo_policy_version": summary["policy_version"]}
+    found = scrape_ray_metrics("two-trainers", {**want, "ray_spo_gate_wait_seconds_count": None,
+                                                "ray_spo_busy_seconds_total": None, "ray_spo_loss": None,
+                                                "ray_spo_busy_fraction": None, "ray_spo_pairs_per_second": None,
+                                                "ray_spo_round_seconds_count": None, "ray_spo_policy_lag": None})
+    assert {k: found.get(k) for k in want} == want
+    from spo_ray.ray.metrics import prometheus_names
+
+    assert set(found) <= prometheus_names()  # the names the Grafana dashboard may use (tests/test_manifests.py)
+    assert found["ray_spo_gate_wait_seconds_count"] >= 1 and found["ray_spo_round_seconds_count"] == 3
+    for key in ("ray_spo_busy_seconds_total", "ray_spo_loss", "ray_spo_busy_fraction", "ray_spo_pairs_per_second"):
+        assert found[key] > 0, key
 
     # Re-submitted with the same run name and ONE trainer worker: it resumes from the checkpoint
     # at position 2 (weights and whole Adam moments, so the world size may change), redoes round 2,
     # trains round 3, and continues the same MLflow run without logging a step twice.
     proc = submit_job(
-        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", "run.max_rounds=4",
+        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", name, f"run.output_dir={tmp_path}", "run.max_rounds=4",
         "ray.num_samplers=2", "ray.num_trainers=1",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

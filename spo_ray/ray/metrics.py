@@ -37,10 +37,28 @@ ROUND_GAUGES = {  # round-record key -> gauge (no role tag)
     "policy_lag": "spo_policy_lag",
     "pairs_per_s": "spo_pairs_per_second",
 }
+# The meters' counters (spo_ray.telemetry.RoleMeter keys the roles record), exported as counters.
+METER_COUNTERS = (
+    "busy_seconds",
+    "prompts", "unet_forwards", "policy_fetches", "policy_bytes_in", "publish_to_usable_s",  # sampler
+    "images_scored", "scoring_events", "kept",  # scorer
+    "bytes_out", "min_bytes_out",  # sampler and scorer: the bytes they hand on and that hop's minimum
+    "bytes_in", "pairs_held", "rounds", "train_seconds", "wait_seconds", "publish_seconds",  # trainer
+    "report_seconds", "checkpoint_seconds",
+)
+HISTOGRAMS = ("spo_round_seconds", "spo_gate_wait_seconds")
 SECONDS_BUCKETS = [0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800]
 
 _metrics: dict[str, Any] = {}  # name -> metric, per process (Ray refuses none, but one object per name is cheaper)
 _exported: dict[tuple[str, str, str], float] = {}  # (run, role, key) -> the total this process exported so far
+
+
+def prometheus_names() -> set[str]:
+    """Every name this module can put on a Prometheus endpoint (with Ray's prefix and suffixes)."""
+    names = {f"ray_spo_{key}_total" for key in METER_COUNTERS}
+    names |= {f"ray_{name}" for name in (*ROUND_GAUGES.values(), "spo_policy_version", "spo_busy_fraction")}
+    names |= {f"ray_{name}_{suffix}" for name in HISTOGRAMS for suffix in ("bucket", "count", "sum")}
+    return names
 
 
 def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
