@@ -69,9 +69,9 @@ def lora_changes_pipeline(kind: str, final_dir: Path) -> float:
 
 
 def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
-    name = "run.name=two-trainers"  # its own name: the Ray metrics below are this run's alone
+    named = "run.name=two-trainers"  # its own name: the Ray metrics below are this run's alone
     proc = submit_job(
-        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", name,
+        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", named,
         f"run.output_dir={tmp_path}", "run.max_rounds=3", *TWO_SAMPLERS_TWO_TRAINERS, "train.test_delay_s=2.0",
         "tracking.log_pair_images_every=1",
     )
@@ -147,7 +147,7 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     # at position 2 (weights and whole Adam moments, so the world size may change), redoes round 2,
     # trains round 3, and continues the same MLflow run without logging a step twice.
     proc = submit_job(
-        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", name, f"run.output_dir={tmp_path}", "run.max_rounds=4",
+        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", named, f"run.output_dir={tmp_path}", "run.max_rounds=4",
         "ray.num_samplers=2", "ray.num_trainers=1",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
