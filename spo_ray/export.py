@@ -63,3 +63,17 @@ def export_policy(unet: torch.nn.Module, *, kind: str, lora: bool, directory: st
     if lora:
         return save_lora(lora_state_dict(unet, weights), kind, directory, lora_adapter_metadata(unet))
     return save_full_unet(unet, Path(directory) / "unet")
+
+
+def checkpoint_lora_exporter(unet: torch.nn.Module, *, kind: str, lora: bool):
+    """What ``save_checkpoint(export=...)`` calls to put the LoRA in diffusers' format into each
+    checkpoint (None for full fine-tuning: its checkpoint is the UNet's weights, 3.4 GB for SDXL,
+    which ``spo-ray`` resumes from and the final export turns into ``final/unet``)."""
+    if not lora:
+        return None
+    metadata = lora_adapter_metadata(unet)
+
+    def export(weights: dict[str, torch.Tensor], directory: Path) -> Path:
+        return save_lora(lora_state_dict(unet, weights), kind, directory, metadata)
+
+    return export

@@ -38,7 +38,7 @@ from spo_ray.components import (
     resolve_device,
 )
 from spo_ray.config import SPOConfig
-from spo_ray.export import export_policy
+from spo_ray.export import checkpoint_lora_exporter, export_policy
 from spo_ray.learner import NonFiniteError, checkpoint_shard, weights_finite
 from spo_ray.preflight import preflight
 from spo_ray.rendering import render_pair_strip, render_validation_grid, validation_due, validation_set
@@ -117,7 +117,8 @@ def _run(cfg: SPOConfig, tracker: RunTracker, prompt_set, device, resumed: Path 
     def checkpoint() -> Path:
         progress.applied_steps = learner.applied_steps()
         weights, moments = checkpoint_shard(learner)
-        path = save_checkpoint(run_dir, progress, weights=weights, optimizer=moments, keep=cfg.run.keep_checkpoints)
+        path = save_checkpoint(run_dir, progress, weights=weights, optimizer=moments, keep=cfg.run.keep_checkpoints,
+                               export=checkpoint_lora_exporter(model.unet, kind=cfg.model.kind, lora=cfg.train.lora))
         tracker.log_checkpoint(path, upload=upload_due(cfg, progress.position))
         return path
 

@@ -125,6 +125,43 @@ def test_config_errors_are_listed_before_anything_runs():
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.model_names) == (20, 5.0, ["base", "a", "b"])
 
 
+def test_checkpoints_of_a_run_are_models_and_a_curve(tmp_path):
+    """checkpoints_of=<run dir>: every checkpoint holding a diffusers LoRA (written through the
+    engines' save_checkpoint export, in training order) and final/ become tuned models the input
+    checks accept; the results are also written as a curve over training rounds."""
+    from spo_ray.checkpointing import RunProgress, save_checkpoint
+    from spo_ray.evaluation.report import write_over_training
+    from spo_ray.export import checkpoint_lora_exporter, export_policy
+    from spo_ray.model_loading import load_diffusion_model
+    from spo_ray.training import add_lora
+
+    model = load_diffusion_model("tiny:sd15", "sd15", components=("unet",))
+    add_lora(model.unet, TrainConfig(lora_rank=4, seed=1))
+    weights = {n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
+    run = tmp_path / "run"
+    for position in (10, 2):  # written out of order: the models follow the recorded positions
+        save_checkpoint(run, RunProgress(position=position), weights=weights, optimizer={},
+                        export=checkpoint_lora_exporter(model.unet, kind="sd15", lora=True))
+    export_policy(model.unet, kind="sd15", lora=True, directory=run / "final")
+    cfg = load_eval_config("eval-tiny", overrides=[f"checkpoints_of={run}"])
+    assert cfg.model_names == ["base", "round-0000002", "round-0000010", "final"]
+    assert [spec.name for spec in prepare_evaluation(cfg).specs] == cfg.model_names  # each loads as a LoRA export
+
+    stats = {name: {"n": 8, "pickscore": {"mean": float(i), "std": 0.5, "n": 8}} for i, name in enumerate(cfg.model_names)}
+    csv_path, png_path = write_over_training(tmp_path, stats, ["pickscore"], "base", final_round=12)
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["round"], r["model"], r["pickscore_mean"]) for r in rows] == [
+        ("0", "base", "0.0"), ("2", "round-0000002", "1.0"), ("10", "round-0000010", "2.0"), ("12", "final", "3.0")]
+    assert Image.open(png_path).format == "PNG"
+
+    with pytest.raises(ConfigError, match="no such run directory"):
+        load_eval_config("eval-tiny", overrides=[f"checkpoints_of={tmp_path / 'nowhere'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no checkpoint with a LoRA"):
+        load_eval_config("eval-tiny", overrides=[f"checkpoints_of={tmp_path / 'empty'}"])
+
+
 def test_missing_inputs_fail_up_front(tmp_path, inputs, capsys):
     # Tuned models resolve from a run's final/, the run directory, or a full-UNet export.
     assert resolve_model_spec("spo", str(inputs["run"])) == ModelSpec(

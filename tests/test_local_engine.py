@@ -196,6 +196,28 @@ def test_resume_is_exact(tmp_path: Path, uninterrupted) -> None:
     _assert_same_as_uninterrupted(dir_b, summary_b, uninterrupted, resumed_at=2)
 
 
+def test_checkpoints_hold_a_diffusers_lora(uninterrupted) -> None:
+    """Every checkpoint of a LoRA run holds the LoRA in diffusers' format (listed in its manifest):
+    the last one's equals final/, and a pipeline loads it with load_lora_weights(<checkpoint>)."""
+    from spo_ray.checkpointing import MANIFEST
+
+    dir_a, _ = uninterrupted
+    checkpoints = list_checkpoints(dir_a)
+    assert [load_checkpoint(p)[0].position for p in checkpoints] == [2, 4]
+    for path in checkpoints:
+        assert LORA_WEIGHT_NAME in json.loads((path / MANIFEST).read_text())["files"]
+    last, final = (load_file(str(d / LORA_WEIGHT_NAME)) for d in (checkpoints[-1], dir_a / "final"))
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in final)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(ensure_tiny_pipeline("sd15")), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(checkpoints[0]))  # the round-2 checkpoint, as it is
+    loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora" in k}
+    assert loaded and all(torch.isfinite(v).all() for v in loaded.values())
+
+
 def test_resume_modes_fork_finished_and_never(tmp_path: Path, uninterrupted, capsys) -> None:
     """run.resume: a checkpoint of another run starts a fork that trains on exactly as that run
     did (in a new MLflow run); a finished run re-submitted says so and runs nothing; `never`

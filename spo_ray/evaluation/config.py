@@ -102,6 +102,9 @@ class EvalConfig(ConfigRoot):
     model: ModelConfig = field(default_factory=ModelConfig)  # the base model
     base_name: str = "base"
     tuned: dict[str, str] = field(default_factory=dict)  # name -> LoRA export dir (final/) or UNet dir
+    # A training run's directory: each of its checkpoints (round-NNNNNNN, LoRA in diffusers' format)
+    # and its final/ join `tuned`, and the results are also written as a curve over training.
+    checkpoints_of: str | None = None
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     scorers: EvalScorersConfig = field(default_factory=EvalScorersConfig)
@@ -128,9 +131,28 @@ def load_eval_config(
 ) -> EvalConfig:
     """Preset, then YAML file, then dotted overrides (``tuned.NAME=PATH`` adds one tuned model); validated."""
     cfg = layer_config(EvalConfig(), "eval", preset, config_file, overrides, accumulate=("tuned",))
+    if cfg.checkpoints_of:
+        cfg.tuned = {**cfg.tuned, **checkpoints_as_models(Path(cfg.checkpoints_of))}
     if validate:
         validate_eval_config(cfg)
     return cfg
+
+
+def checkpoints_as_models(run_dir: Path) -> dict[str, str]:
+    """A training run's checkpoints that hold a diffusers LoRA (named by their folder, in training
+    order) and its final export: the models ``checkpoints_of`` evaluates."""
+    from spo_ray.checkpointing import list_checkpoints
+    from spo_ray.export import LORA_WEIGHT_NAME
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"checkpoints_of={run_dir}: no such run directory")
+    models = {p.name: str(p) for p in list_checkpoints(run_dir) if (p / LORA_WEIGHT_NAME).is_file()}
+    if (run_dir / "final").is_dir():
+        models["final"] = str(run_dir / "final")
+    if not models:
+        raise ConfigError(f"checkpoints_of={run_dir}: no checkpoint with a LoRA ({LORA_WEIGHT_NAME}) and no final/ "
+                          "(full fine-tuning checkpoints are evaluated through their final/unet export)")
+    return models
 
 
 def eval_config_from_dict(data: dict[str, Any]) -> EvalConfig:

@@ -17,6 +17,7 @@ from spo_ray.evaluation.report import (
     comparison_grid,
     format_markdown,
     summarize,
+    write_over_training,
     write_results_csv,
     write_scores_csv,
 )
@@ -91,6 +92,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     (run_dir / "results.md").write_text(table)
     write_results_csv(run_dir / "results.csv", stats)
     write_scores_csv(run_dir / "scores.csv", records, plan.metrics)
+    if cfg.checkpoints_of:
+        finished = Path(cfg.checkpoints_of) / "summary.json"
+        final_round = json.loads(finished.read_text())["position"] if finished.is_file() else None
+        curve = write_over_training(run_dir, stats, plan.metrics, cfg.base_name, final_round)
+        _log(cfg, f"over training: {curve[0]}, {curve[1]}")
     grids = []
     (run_dir / "grids").mkdir(exist_ok=True)
     for name in models[1:]:

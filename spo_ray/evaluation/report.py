@@ -90,3 +90,35 @@ def comparison_grid(
     tiles = [images[(model, pid, seed)] for seed in seeds for model in (base, tuned) for pid in prompt_ids]
     array = np.stack(tiles).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0  # back to [-1, 1], exactly
     return image_grid(array, nrow=len(prompt_ids))
+
+
+def write_over_training(out: Path, stats: dict[str, dict[str, Any]], metrics: list[str], base: str,
+                        final_round: int | None) -> tuple[Path, Path]:
+    """``checkpoints_of``: each metric's mean (error bars: std) against the training round of the
+    base model (0), each checkpoint (``round-NNNNNNN``) and ``final`` (at ``final_round``), as
+    ``over_training.csv`` and ``over_training.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    points = [(0, base)] + sorted((int(name.removeprefix("round-")), name) for name in stats if name.startswith("round-"))
+    if "final" in stats and final_round is not None:
+        points.append((final_round, "final"))
+    csv_path, png_path = out / "over_training.csv", out / "over_training.png"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["round", "model", *[f"{m}_mean" for m in metrics], *[f"{m}_std" for m in metrics]])
+        for position, name in points:
+            writer.writerow([position, name, *[stats[name][m]["mean"] for m in metrics],
+                             *[stats[name][m]["std"] for m in metrics]])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.errorbar([p for p, _ in points], [stats[n][metric]["mean"] for _, n in points],
+                    yerr=[stats[n][metric]["std"] for _, n in points], marker="o", capsize=3)
+        ax.set_title(METRICS.get(metric, metric))
+        ax.set_xlabel("training round (base model: 0)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return csv_path, png_path

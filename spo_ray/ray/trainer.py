@@ -37,7 +37,7 @@ from spo_ray.checkpointing import (
 )
 from spo_ray.components import apply_fast_path, last_round, load_model, prompt_plan
 from spo_ray.config import SPOConfig, config_from_dict
-from spo_ray.export import export_policy
+from spo_ray.export import checkpoint_lora_exporter, export_policy
 from spo_ray.learner import NonFiniteError, StepRecord, checkpoint_shard, train_round
 from spo_ray.prompts import PromptPlan, Round
 from spo_ray.ray.common import trainer_device, worker_setup
@@ -310,7 +310,9 @@ def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
     weights, moments = checkpoint_shard(ctx.learner)
     progress.applied_steps = ctx.learner.applied_steps()
     path = save_checkpoint(ctx.cfg.run_dir, progress, weights=weights, optimizer=moments, keep=ctx.cfg.run.keep_checkpoints,
-                           rank=ctx.rank, world=ctx.world, barrier=lambda: ctx.learner.all_reduce_sum([0.0]))
+                           rank=ctx.rank, world=ctx.world, barrier=lambda: ctx.learner.all_reduce_sum([0.0]),
+                           export=checkpoint_lora_exporter(ctx.learner.engine.module, kind=ctx.cfg.model.kind,
+                                                           lora=ctx.cfg.train.lora))
     if path is not None:
         ctx.tracker.log_checkpoint(path, upload=upload_due(ctx.cfg, progress.position))
 
