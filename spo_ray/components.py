@@ -139,12 +139,14 @@ def last_round(cfg: SPOConfig, plan: PromptPlan) -> int:
 
 
 def build_pool_scorer(cfg: SPOConfig, model: DiffusionModel, device: torch.device) -> PoolScorer:
+    processor = {"processor_dir": cfg.scorer.processor_dir} if cfg.scorer.processor_dir else {}
     scorer = build_scorer(
         cfg.scorer.type,
         clip_dir=cfg.scorer.clip_dir,
         checkpoint=cfg.scorer.checkpoint,
         device=device,
         dtype=scorer_dtype(cfg),
+        **processor,
         **cfg.scorer.kwargs,
     )
     return PoolScorer(model.decode, scorer, threshold=cfg.scorer.threshold, max_batch=cfg.scorer.max_batch)

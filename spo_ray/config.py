@@ -56,7 +56,9 @@ class SamplingConfig:
 @dataclass
 class ScorerConfig:
     type: str = "spm"  # "spm" | "clip" | "brightness" | "package.module:Class"
-    clip_dir: str | None = None  # CLIP (PickScore) directory with processor/tokenizer, or "tiny"
+    clip_dir: str | None = None  # PickScore (CLIP) weights: a folder, a hub id, or "tiny"
+    # Its tokenizer / preprocessor (CLIP-ViT-H-14 for PickScore) when clip_dir lacks them: a folder or hub id.
+    processor_dir: str | None = None
     checkpoint: str | None = None  # SPM state dict (.bin/.pt with weights_only, or .safetensors)
     threshold: float = 0.3  # keep a pair when softmax([s_w, s_l]) gap > threshold
     max_batch: int = 64  # images per scorer forward

@@ -53,6 +53,7 @@ def preflight(cfg: SPOConfig, *, ray: bool = True) -> PromptSet:
         source = check_model_files(cfg)
         _meta_policy_shapes(cfg, source)  # LoRA targets that match nothing fail here
         prompt_set = fit_prompts_to_tokenizer(prompt_set, load_tokenizer(source))
+        check_scorer_files(cfg)
         check_scorer_checkpoint(cfg)
         check_user_scorer(cfg)
         check_resume_mode(cfg)
@@ -125,6 +126,20 @@ def _meta_spm(clip_dir: str) -> torch.nn.Module:
     config = CLIPConfig.from_pretrained(str(resolve_clip_dir(clip_dir)), local_files_only=True)
     with torch.device("meta"):
         return StepAwarePreferenceModel.from_clip(CLIPModel(config))
+
+
+def check_scorer_files(cfg: SPOConfig) -> None:
+    """The scorer's CLIP folder (local, hub id or "tiny") is there and its tokenizer files are in
+    ``scorer.processor_dir`` or beside the weights."""
+    if cfg.scorer.type not in ("spm", "clip"):
+        return
+    from spo_ray.spm import load_clip_processor, resolve_clip_dir
+
+    if cfg.scorer.clip_dir is None:
+        raise ValueError(f"scorer.type={cfg.scorer.type} needs scorer.clip_dir (PickScore: a folder, "
+                         "yuvalkirstain/PickScore_v1, or 'tiny')")
+    resolve_clip_dir(cfg.scorer.clip_dir)
+    load_clip_processor(cfg.scorer.processor_dir or cfg.scorer.clip_dir)
 
 
 def check_scorer_checkpoint(cfg: SPOConfig) -> None:

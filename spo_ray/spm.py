@@ -228,15 +228,19 @@ def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def resolve_clip_dir(clip_dir: str | os.PathLike) -> Path:
-    """Map ``"tiny"`` to the cached tiny CLIP (built on first use); otherwise require an existing local dir."""
+    """A CLIP / PickScore folder: a local directory, a hub id (``yuvalkirstain/PickScore_v1``: the
+    HF cache first, then the hub; spo_ray.hub) or ``"tiny"`` (the cached tiny CLIP, built on first use)."""
     if str(clip_dir) == "tiny":
         return ensure_tiny_clip()
     p = Path(clip_dir).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"CLIP directory {p} does not exist (models load from local directories only; no model hub)"
-        )
-    return p
+    if p.is_dir():
+        return p
+    from .hub import hub_folder, is_hub_id
+
+    if is_hub_id(str(clip_dir)):
+        return hub_folder(str(clip_dir))
+    raise FileNotFoundError(f"CLIP directory {p} does not exist (a local directory, a hub id such as "
+                            "yuvalkirstain/PickScore_v1, or 'tiny')")
 
 
 def load_clip_processor(clip_dir: str | os.PathLike):

@@ -214,6 +214,16 @@ def damaged_newest_checkpoint(tmp_path, caplog):
     return caplog.text
 
 
+def resume_never_on_a_run(tmp_path, caplog):
+    cfg = cfg_with(tmp_path, "run.resume=never")
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    preflight(cfg, ray=False)
+
+
+def resume_from_no_checkpoint(tmp_path, caplog):
+    preflight(cfg_with(tmp_path, f"run.resume={tmp_path / 'nowhere'}"), ray=False)
+
+
 def stale_temporary_checkpoint(tmp_path, caplog):
     from spo_ray.local_engine import run_in_process
 
@@ -274,6 +284,8 @@ SCENARIOS: dict[str, Callable] = {
     "the prompts, ...)": resume_with_a_frozen_change,
     "a resume that changes a setting it may (`train.learning_rate`, `run.max_rounds`, batch sizes, tracking, "
     "resources)": resume_with_a_new_learning_rate,
+    "`run.resume=never` on a directory that holds a run": resume_never_on_a_run,
+    "`run.resume=<path>` where there is no folder": resume_from_no_checkpoint,
     "more samplers than prompts per round": lambda tmp_path, caplog: preflight(
         cfg_with(tmp_path, "sampling.prompts_per_round=4", "ray.num_samplers=6")),
     "more trainer ranks than rows per micro-batch": lambda tmp_path, caplog: preflight(

@@ -293,3 +293,28 @@ def test_tiny_clip_dir_is_built_once_in_cache(tmp_path: Path, monkeypatch: pytes
     (target / tiny_mod._TINY_CLIP_MARKER).write_text("0")
     assert tiny_mod.ensure_tiny_clip() == target and len(built) == 2
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny-clip"]
+
+
+def test_clip_folders_come_from_a_hub_id_through_the_hf_cache(tmp_path, monkeypatch) -> None:
+    """scorer.clip_dir / processor_dir take a hub id: the HF cache is read first (here a cache
+    holding the tiny CLIP under test-org/tiny-pickscore, the hub itself switched off), and an id in
+    neither the cache nor the hub is an error naming it."""
+    import huggingface_hub.constants
+
+    from spo_ray.scorers import build_scorer
+    from spo_ray.spm import resolve_clip_dir
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny-pickscore"
+    shutil.copytree(tiny_mod.ensure_tiny_clip(), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    assert resolve_clip_dir("test-org/tiny-pickscore") == repo / "snapshots" / revision
+    scorer = build_scorer("spm", clip_dir="test-org/tiny-pickscore", processor_dir="test-org/tiny-pickscore")
+    scores = scorer.score(torch.zeros(2, 3, 64, 64), ["a red apple", "a blue car"], torch.tensor([0, 500]))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    with pytest.raises(FileNotFoundError, match="test-org/missing: no such local directory, and the hub copy"):
+        resolve_clip_dir("test-org/missing")

@@ -54,9 +54,14 @@ def resolve_model_spec(name: str, path: str) -> ModelSpec:
 
 
 def _local_dir_problem(value: str, key: str) -> str | None:
-    if value == "tiny" or Path(value).expanduser().is_dir():
-        return None
-    return f"scorers.{key}: directory {value} does not exist (scorers load from local directories only)"
+    """A CLIP folder setting: a local directory, "tiny", or a hub id the HF cache or the hub has."""
+    from spo_ray.spm import resolve_clip_dir
+
+    try:
+        resolve_clip_dir(value)
+    except FileNotFoundError as err:
+        return f"scorers.{key}: {err}"
+    return None
 
 
 def _local_file_problem(value: str, key: str) -> str | None:
