@@ -235,6 +235,12 @@ def test_config_errors_before_anything_runs():
 # ----------------------------------------------------------------------------- the Ray job
 
 
+def summary_cfg_lr(out: Path) -> float:
+    import yaml
+
+    return yaml.safe_load((out / "spm-tiny" / "config.yaml").read_text())["train"]["learning_rate"]
+
+
 @pytest.mark.slow
 def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, tmp_path, unit_latent_base):
     data, out = tmp_path / "data", tmp_path / "out"
@@ -257,6 +263,21 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
     assert all(b["pairs_counted"] == 48 - ties and b["ties"] == ties for b in summary["eval_buckets"])
     assert summary["train_rows"] == 3 * 256 and summary["optimizer_steps"] == 3 * 256 // 8
     assert acc["0-199"] >= 0.75 and before["0-199"] <= 0.65, (acc, before)
+
+    # MLflow, as the SPO engines log: one store per output dir, per-step training metrics, the
+    # held-out accuracy per bucket at the last step, the SPM files.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["spo_ray.kind"] == "spm-training"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == list(range(10, summary["optimizer_steps"] + 1, 10))
+    for bucket, value in acc.items():
+        assert run.data.metrics[f"eval/accuracy/{bucket}"] == pytest.approx(value)
+    assert run.data.params["train.learning_rate"] == str(summary_cfg_lr(out))
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
+    assert {"final/step-aware_preference_model.bin", "final/step-aware_preference_model.safetensors"} <= files
 
     # The result loads through the SPO job's scorer path, in both formats, with the released keys.
     from safetensors.torch import load_file

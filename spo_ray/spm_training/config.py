@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spo_ray.config import ConfigError, ConfigRoot, RoleResources, _merge, common_problems, layer_config
+from spo_ray.config import (
+    ConfigError,
+    ConfigRoot,
+    RoleResources,
+    TrackingConfig,
+    _merge,
+    common_problems,
+    layer_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,7 @@ class SPMConfig(ConfigRoot):
     train: SPMTrainConfig = field(default_factory=SPMTrainConfig)
     eval: SPMEvalConfig = field(default_factory=SPMEvalConfig)
     ray: SPMRayConfig = field(default_factory=SPMRayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow, as SPO runs log (one store per output dir)
     run: SPMRunConfig = field(default_factory=SPMRunConfig)
 
 

@@ -60,6 +60,10 @@ def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
     import yaml
 
     train_src, eval_src = inspect_splits(cfg)  # bad data fails here, before any cluster resource
+    if cfg.tracking.enabled:
+        from spo_ray.tracking import check_reachable, resolve_tracking_uri
+
+        check_reachable(resolve_tracking_uri(cfg))  # an unreachable MLflow server fails here too
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

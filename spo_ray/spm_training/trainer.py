@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from spo_ray.spm_training.config import CHECKPOINT_NAME, spm_config_from_dict
+from spo_ray.spm_training.config import CHECKPOINT_NAME, SPMConfig, spm_config_from_dict
 from spo_ray.spm_training.data import bucket_names, bucket_of
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,29 @@ def _final_state(engine, bf16: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def _start_tracking(cfg: SPMConfig) -> Any:
+    """Rank 0's MLflow run (as the SPO engines': one store per output dir, the config as params)."""
+    from spo_ray.tracking import RunTracker
+
+    tracker = RunTracker(cfg, engine="ray-spm", background=True)  # duck-typed: SPMConfig has the fields it reads
+    tracker.start()
+    tracker.set_tags({"spo_ray.kind": "spm-training"})
+    return tracker
+
+
+def _finish_tracking(tracker: Any, summary: dict[str, Any], step: int, final: Path) -> str | None:
+    """Held-out accuracy per bucket (``eval/accuracy/<bucket>``, untrained beside it), the SPM
+    files and the summary; the run's id."""
+    metrics = {f"eval/accuracy/{b['bucket']}": b["accuracy"] for b in summary["eval_buckets"]}
+    metrics.update({f"eval/initial_accuracy/{b['bucket']}": b.get("initial_accuracy") for b in summary["eval_buckets"]})
+    metrics["eval/accuracy"] = summary["eval_accuracy"]
+    tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=step)
+    tracker.log_artifact(final, "final")
+    tracker.log_dict(summary, "trainer_summary.json")
+    tracker.end("FINISHED")
+    return tracker.run_id
+
+
 def spm_train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the SPM under DeepSpeed; train on the stream, evaluate per bucket, save."""
     import deepspeed
@@ -97,6 +121,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     started = time.time()
     step, rows, window = 0, 0, []
     epochs_seen: set[int] = set()
+    tracker = _start_tracking(cfg) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_batches(
         batch_size=t.batch_size, batch_format="numpy", drop_last=True,  # equal batches: ranks step together
@@ -130,6 +155,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                tracker.log_metrics({k: record[k] for k in ("loss", "train_accuracy", "lr", "rows_per_s")}, step=step)
                 log.info("step %d | rows %d | loss %.4f | train acc %.3f | lr %.2e | rows/s %.1f", step, record["rows"],
                          record["loss"], record["train_accuracy"], record["lr"], record["rows_per_s"])
     train_seconds = time.time() - started
@@ -177,6 +203,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
             **({"initial_accuracy_by_bucket": {b["bucket"]: b["initial_accuracy"] for b in buckets}} if initial else {}),
             "eval_accuracy": float(sums[0].sum() / sums[1].sum()) if sums[1].sum() else None,
         }
+        summary["mlflow_run_id"] = _finish_tracking(tracker, summary, step, final)
         (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
         for b in buckets:
             acc = "-" if b["accuracy"] is None else f"{b['accuracy']:.3f}"
