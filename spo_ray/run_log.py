@@ -166,7 +166,7 @@ def configure_logging(level: int = logging.INFO, in_ray_worker: bool = False) ->
     handler, so there the ``spo_ray`` loggers get their own handler with this format (and stop
     propagating, or every line would print twice)."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
-    if not in_ray_worker:
+    if not (in_ray_worker and _inside_a_ray_worker()):  # a role built in this process (tests) keeps the root's
         return
     package_log = logging.getLogger("spo_ray")
     package_log.setLevel(level)
@@ -176,6 +176,16 @@ def configure_logging(level: int = logging.INFO, in_ray_worker: bool = False) ->
         handler.spo_ray_handler = True  # type: ignore[attr-defined]
         package_log.addHandler(handler)
         package_log.propagate = False
+
+
+def _inside_a_ray_worker() -> bool:
+    """Whether this process is a Ray worker (an actor or a task), not a driver or a plain process."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001 - an older or newer Ray without these: keep the root's handlers
+        return False
 
 
 def next_round_step(global_step: int, last_round_step: int) -> int:
