@@ -322,3 +322,32 @@ def test_the_job_refuses_bad_input_before_touching_the_cluster(tmp_path: Path, c
     assert rc == 2 and "prompt file not found" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not (tmp_path / "tiny-sd15").exists()  # nothing written, nothing lost
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path: Path) -> None:
+    """A real full filesystem (a 256 KiB tmpfs): the checkpoint that does not fit fails with "no space
+    left on device" naming it, leaves no temporary folder, and the previous one stays the latest."""
+    import subprocess
+
+    from spo_ray.checkpointing import (
+        CheckpointError,
+        RunProgress,
+        checkpoint_problem,
+        latest_checkpoint,
+        save_checkpoint,
+    )
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    try:
+        run_dir = small / "run"
+        first = save_checkpoint(run_dir, RunProgress(position=1), weights={"w": torch.zeros(1000)}, optimizer={})
+        with pytest.raises(CheckpointError, match="round-0000002 could not be written: no space left on device") as err:
+            save_checkpoint(run_dir, RunProgress(position=2), weights={"w": torch.zeros(200_000)}, optimizer={})
+        assert str(first) in str(err.value)  # "the previous checkpoint ... stays valid"
+        assert latest_checkpoint(run_dir) == first and checkpoint_problem(first) is None
+        assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
