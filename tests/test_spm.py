@@ -300,7 +300,7 @@ def test_from_pretrained_dtype_device_and_missing_dir(clip_dir: Path, tmp_path: 
         px = _pixels(2).to(torch.bfloat16)
         text = spm.text_embeds(torch.tensor([[516, 70, 517]] * 2))
         assert torch.isfinite(spm.score(px, torch.tensor([0, 951]), text)).all()
-    with pytest.raises(FileNotFoundError, match="local directories only"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist does not exist"):
         StepAwarePreferenceModel.from_pretrained(tmp_path / "does-not-exist")
 
 
