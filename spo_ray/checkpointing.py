@@ -5,6 +5,8 @@
                                                full fine-tuning: DeepSpeed's fp32 master of the UNet),
                                                one shard per trainer rank: the parameters it owns, whole
         optimizer-RRRRR-of-WWWWW.safetensors   Adam moments by parameter name (``<name>.exp_avg``, ``.exp_avg_sq``)
+        extra-RRRRR-of-WWWWW.safetensors       (optional) per-rank tensors an app keeps beside the
+                                               weights: SPM training's consumed-row keys
         state.json              RunProgress: prompt-plan position, policy version, step counters,
                                 applied optimizer steps (Adam's step, the lr schedule), accounting,
                                 the MLflow run id, the writing engine, the format version
@@ -66,6 +68,7 @@ class RunProgress:
     mlflow_run_id: str | None = None
     mlflow_round_step: int = -1  # the MLflow step of the last round record
     engine: str = ""  # who wrote it: "in-process" or "ray"
+    extra: dict[str, Any] = field(default_factory=dict)  # an app's own progress (SPM training: rows, log window)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "format": FORMAT}
@@ -123,6 +126,7 @@ def save_checkpoint(
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
     export: Callable[[dict[str, torch.Tensor], Path], Any] | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """Write checkpoint ``round-<position>`` atomically and prune all but the newest ``keep``.
 
@@ -134,7 +138,8 @@ def save_checkpoint(
     ``load_lora_weights(<checkpoint>)`` and ``spo-ray evaluate`` take a checkpoint as they take
     ``final/``). Cost: one more copy of the LoRA in fp32 per checkpoint (SD1.5 r4 3 MB, SDXL r64
     370 MB beside its 1.1 GB of weights and moments), read back from the shards rank 0 just
-    waited for. Returns the folder on rank 0, None elsewhere."""
+    waited for. ``extra`` (any rank) is written as that rank's ``extra-`` shard, read back by
+    :func:`extra_shards`. Returns the folder on rank 0, None elsewhere."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{progress.position:07d}"
     tmp = root / f".tmp-{final.name}"
@@ -142,7 +147,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    needed = sum(v.numel() * v.element_size() for v in weights.values()) + 4 * sum(v.numel() for v in optimizer.values())
+    needed = sum(v.numel() * v.element_size() for v in [*weights.values(), *(extra or {}).values()])
+    needed += 4 * sum(v.numel() for v in optimizer.values())
     try:
         free = shutil.disk_usage(tmp).free
         if free < needed:
@@ -151,6 +157,8 @@ def save_checkpoint(
                   str(tmp / shard_file("weights", rank, world)))
         save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
                   str(tmp / shard_file("optimizer", rank, world)))
+        if extra is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / shard_file("extra", rank, world)))
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -295,6 +303,24 @@ def load_checkpoint(path: str | Path) -> tuple[RunProgress, dict[str, torch.Tens
     return progress, merged[0], merged[1]
 
 
+def extra_shards(path: str | Path) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``extra`` tensors of a checkpoint (an empty list when it has none)."""
+    path = Path(path)
+    try:
+        files = shard_files(path, "extra")
+    except CheckpointError as err:
+        if "lists no extra shard" in str(err):
+            return []
+        raise
+    out = []
+    for file in files:
+        try:
+            out.append(load_file(str(file)))
+        except Exception as err:  # noqa: BLE001 - as load_checkpoint
+            raise CheckpointError(f"checkpoint {file} is unreadable ({type(err).__name__}: {err})") from err
+    return out
+
+
 def load_trainable_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Copy saved trainable weights into ``module``; names or shapes that do not fit are an error."""
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
@@ -312,10 +338,10 @@ FROZEN_ON_RESUME = ("model.", "sampling.", "data.", "scorer.type", "scorer.clip_
                     "train.lora_alpha", "train.lora_targets", "train.seed", "train.beta", "train.clip_eps")
 
 
-def resume_changes(cfg: Any) -> dict[str, tuple[Any, Any]]:
+def resume_changes(cfg: Any, frozen: tuple[str, ...] = FROZEN_ON_RESUME) -> dict[str, tuple[Any, Any]]:
     """Settings that differ from the run's saved config.yaml when there is a checkpoint to resume
     (dotted key -> (saved, now)); empty for a new run. Raises ValueError listing the changes a
-    resume may not make (FROZEN_ON_RESUME), before anything is written."""
+    resume may not make (``frozen``: dotted keys or prefixes), before anything is written."""
     import yaml
 
     found = resume_checkpoint(cfg.run_dir, cfg.run.resume)
@@ -328,9 +354,9 @@ def resume_changes(cfg: Any) -> dict[str, tuple[Any, Any]]:
     saved, now = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(cfg.to_dict())
     changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k) and k not in ("preset", "run.resume")}
-    frozen = [k for k in changes if k.startswith(FROZEN_ON_RESUME) or (own and k == "run.name")]
-    if frozen:
-        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in frozen)
+    refused = [k for k in changes if k.startswith(frozen) or (own and k == "run.name")]
+    if refused:
+        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
         raise ValueError(f"run {cfg.run.name} has a checkpoint and these settings cannot change across a resume: "
                          f"{listed} (start a new run.name for them)")
     return changes

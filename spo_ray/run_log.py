@@ -87,6 +87,28 @@ def round_record(
     return record
 
 
+def cut_redone(path: Path, key: str, position: int) -> int:
+    """Drop the metrics.jsonl records whose ``key`` (``round``, or ``step`` in SPM training) is >=
+    ``position``, and lines a crash cut short: a resume redoes that work and writes them again."""
+    if not path.is_file():
+        return 0
+    kept, cut = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            cut += 1
+            continue
+        if record.get(key, -1) >= position:
+            cut += 1
+        else:
+            kept.append(line)
+    if cut:
+        path.write_text("".join(line + "\n" for line in kept))
+        log.info("%s: cut %d record(s) of %ss >= %d (redone after the resume)", path.name, cut, key, position)
+    return cut
+
+
 class RunLog:
     """Writes step and round records to metrics.jsonl, MLflow (a ``RunTracker`` or None) and the log."""
 
@@ -95,26 +117,7 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tracker = tracker
         self.total_rounds = total_rounds
-        self._cut_redone(resume_position)
-
-    def _cut_redone(self, position: int) -> None:
-        """Drop the records of rounds >= ``position``: a resume redoes them and writes them again."""
-        if not self.path.is_file():
-            return
-        kept, cut = [], 0
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a crash
-                cut += 1
-                continue
-            if record.get("round", -1) >= position:
-                cut += 1
-            else:
-                kept.append(line)
-        if cut:
-            self.path.write_text("".join(line + "\n" for line in kept))
-            log.info("metrics.jsonl: cut %d record(s) of rounds >= %d (redone after the resume)", cut, position)
+        cut_redone(self.path, "round", resume_position)
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         with self.path.open("a") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,8 @@ def test_renderer_shares_noise_is_keyed_and_relabels(tmp_path: Path, unit_latent
     out, again = renderer(batch), renderer({k: v[::-1] for k, v in batch.items()})
     assert out["pixels_0"].shape == (6, 3, 224, 224)
     np.testing.assert_array_equal(out["pixels_1"], again["pixels_1"][::-1])  # keyed by example, not by batch position
+    fewer = renderer({k: v[:4] for k, v in batch.items()})  # a shorter batch (as a resume's): padded, so bit-identical
+    assert all(np.array_equal(out[k][:4], fewer[k]) for k in ("pixels_0", "pixels_1", "label_0"))
     clean = [torch.stack([decode_image(b, 64) for b in df[c]]) for c in ("jpg_0", "jpg_1")]
     scorer = ClipScorer("tiny")
     s0, s1 = (scorer.score(resize_straight(c, 224), list(df["caption"]), torch.zeros(6)) for c in clean)
@@ -218,6 +221,76 @@ def test_renderer_prepares_spm_inputs_as_the_reference_spm_training(tmp_path: Pa
     np.testing.assert_allclose(out["pixels_0"], ((img - mean) / std).numpy(), atol=1e-5, rtol=0)
 
 
+def _stream(n_rows: int, epochs: int, chunk: int, skip: dict[int, set[int]] | None = None):
+    """Row chunks as the trainer's shard yields them: epochs in turn, rows of an epoch in a fixed order."""
+    rows = [(e, 1000 + (i * 7919) % 997) for e in range(epochs) for i in range(n_rows)]
+    rows = [r for r in rows if r[1] not in (skip or {}).get(r[0], set())]
+    for lo in range(0, len(rows), chunk):
+        part = rows[lo : lo + chunk]
+        yield {"epoch": np.array([e for e, _ in part]), "example_id": np.array([x for _, x in part]),
+               "value": np.array([float(e * 10_000 + x) for e, x in part])}
+
+
+@pytest.mark.parametrize("buffer_rows", [0, 1, 16, 200])
+def test_keyed_shuffle_resumes_exactly_without_the_rows_trained_on(buffer_rows: int):
+    from spo_ray.spm_training.data import keyed_shuffle
+    from spo_ray.spm_training.trainer import ConsumedRows, consumed_by_epoch
+
+    full = list(keyed_shuffle(_stream(90, 2, 7), buffer_rows=buffer_rows, batch_size=8, seed=3))
+    assert len(full) == (2 * 90) // 8  # the last partial batch is dropped
+    order = np.concatenate([b["value"] for b in full])
+    assert len(set(order.tolist())) == len(order)
+    if buffer_rows >= 16:  # a real shuffle: not the stream order, and a pure function of the seed
+        assert not np.array_equal(order, np.sort(order))
+        again = list(keyed_shuffle(_stream(90, 2, 7), buffer_rows=buffer_rows, batch_size=8, seed=3))
+        assert all(np.array_equal(a["value"], b["value"]) for a, b in zip(full, again, strict=True))
+    for stop in (1, 5, 11, 19):  # interrupted after ``stop`` batches (mid-epoch, across epochs, in the drain)
+        consumed = ConsumedRows()
+        for batch in full[:stop]:
+            consumed.add(batch)
+        by_epoch = consumed_by_epoch([consumed.tensors()])
+        skip = {e: set(ids.tolist()) for e, ids in by_epoch.items()}
+        resumed = list(keyed_shuffle(_stream(90, 2, 5, skip), buffer_rows=buffer_rows, batch_size=8, seed=3))
+        assert len(resumed) == len(full) - stop
+        for a, b in zip(full[stop:], resumed, strict=True):
+            assert np.array_equal(a["value"], b["value"]) and np.array_equal(a["example_id"], b["example_id"])
+
+
+def test_resume_point_reads_consumed_rows_and_refuses_what_cannot_be_exact(tmp_path: Path):
+    import yaml
+
+    from spo_ray.checkpointing import RunProgress, save_checkpoint
+    from spo_ray.spm_training.driver import _resume_point
+
+    overrides = ["data.train=x.parquet", f"run.output_dir={tmp_path}"]
+    cfg = load_spm_config("spm-tiny", overrides=overrides)
+    assert _resume_point(cfg) == (None, {})  # a fresh run
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    shards = [{"epoch": torch.tensor([0, 0, 1]), "example_id": torch.tensor([9, 4, 7])},
+              {"epoch": torch.tensor([0]), "example_id": torch.tensor([2])}]
+    barrier = threading.Barrier(2)
+
+    def write(rank: int) -> None:  # two ranks' shares, written as two trainer ranks write them
+        save_checkpoint(cfg.run_dir, RunProgress(position=12, extra={"spm": {"step": 12}}), weights={f"w{rank}": torch.ones(2)},
+                        optimizer={}, rank=rank, world=2, extra=shards[rank], barrier=barrier.wait)
+
+    threads = [threading.Thread(target=write, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (cfg.run_dir / "checkpoints" / ".tmp-round-0000020").mkdir()  # a crash's leftover
+    path, consumed = _resume_point(cfg)
+    assert path.name == "round-0000012" and not (cfg.run_dir / "checkpoints" / ".tmp-round-0000020").exists()
+    assert {e: v.tolist() for e, v in consumed.items()} == {0: [2, 4, 9], 1: [7]}
+    with pytest.raises(ValueError, match="run.resume=never but .* already holds checkpoints"):
+        _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "run.resume=never"]))
+    with pytest.raises(ValueError, match="train.seed: 42 -> 7; train.shuffle_buffer: 64 -> 0"):
+        _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "train.seed=7", "train.shuffle_buffer=0"]))
+    _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "train.learning_rate=1e-3"]))  # lr may change
+
+
 def test_config_errors_before_anything_runs():
     with pytest.raises(ConfigError, match="did you mean 'train.learning_rate'"):
         load_spm_config("spm-tiny", overrides=["train.learning_rat=1e-3", "data.train=x.parquet"])
@@ -250,7 +323,7 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
     proc = submit_job(
         ray_cluster, "jobs/train_spm.py", "--preset", "spm-tiny", f"data.train={data / 'train.parquet'}",
         f"data.eval={data / 'eval.parquet'}", f"model.pretrained={unit_latent_base}", f"run.output_dir={out}",
-        timeout=400,
+        "run.checkpoint_every=40", "run.keep_checkpoints=3", timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "spo_ray.spm_training.trainer: step 10 |" in proc.stdout, proc.stdout[-6000:]
@@ -298,3 +371,23 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
         scorer = build_pool_scorer(cfg, load_model(cfg, torch.device("cpu"), ("vae",)), torch.device("cpu")).scorer
         scores.append(scorer.score(images, ["a cat"] * 4, torch.tensor([0, 100, 500, 900])))
     assert torch.isfinite(scores[0]).all() and torch.equal(scores[0], scores[1])
+
+    # Resume: a run that stopped after its step-80 checkpoint (mid epoch 3, with rows in the shuffle
+    # buffer; epochs 1 and 2 done, so not read again) continues from there and ends bit-identical to
+    # the uninterrupted run.
+    checkpoints = sorted(p.name for p in (out / "spm-tiny" / "checkpoints").iterdir())
+    assert checkpoints == ["round-0000040", "round-0000080"], checkpoints
+    again = tmp_path / "again"
+    shutil.copytree(out / "spm-tiny" / "checkpoints" / "round-0000080", again / "spm-tiny" / "checkpoints" / "round-0000080")
+    proc = submit_job(  # without the held-out pairs (read only after training, so a resume may drop them)
+        ray_cluster, "jobs/train_spm.py", "--preset", "spm-tiny", f"data.train={data / 'train.parquet'}",
+        f"model.pretrained={unit_latent_base}", f"run.output_dir={again}", "run.checkpoint_every=40", timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "resuming from" in proc.stdout and "640 rows already trained on are skipped" in proc.stdout, proc.stdout[-6000:]
+    resumed = json.loads((again / "spm-tiny" / "summary.json").read_text())
+    assert resumed["optimizer_steps"] == summary["optimizer_steps"] and resumed["train_rows"] == summary["train_rows"]
+    first, second = load_file(summary["checkpoint_safetensors"]), load_file(resumed["checkpoint_safetensors"])
+    assert all(torch.equal(first[k], second[k]) for k in first), [k for k in first if not torch.equal(first[k], second[k])][:5]
+    steps = [json.loads(line)["step"] for line in (again / "spm-tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [90]

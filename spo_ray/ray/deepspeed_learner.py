@@ -77,7 +77,9 @@ def bf16_training(train_cfg: Any, device: torch.device) -> bool:
 class DeepSpeedLearner:
     """A trainable module under DeepSpeed with the learner interface (one per trainer rank)."""
 
-    def __init__(self, module: torch.nn.Module, cfg: Any, device: torch.device):
+    def __init__(self, module: torch.nn.Module, cfg: Any, device: torch.device, *, micro_batch: int | None = None):
+        """``cfg``: an SPO config, or any with its train.* optimizer fields and ray.zero_stage (SPM
+        training, which gives its per-rank ``micro_batch`` instead of a global one)."""
         import deepspeed
         import torch.distributed as dist
 
@@ -87,11 +89,11 @@ class DeepSpeedLearner:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.named = named_trainables(module)
         optimizer, schedule = build_optimizer(list(self.named.values()), cfg.train)
-        micro = -(-cfg.train.train_batch_size // self.world_size)  # the per-rank share of a global micro-batch
+        micro = micro_batch or -(-cfg.train.train_batch_size // self.world_size)  # per rank: a global micro-batch's share
         config = deepspeed_config(
             micro_batch=micro, grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
             bf16=bf16_training(cfg.train, device), zero_stage=self.zero_stage,
-            offload_optimizer=cfg.ray.offload_optimizer,
+            offload_optimizer=getattr(cfg.ray, "offload_optimizer", False),
         )
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=config

@@ -25,6 +25,10 @@ PLAIN_COLUMNS = ("prompt", "image_0", "image_1", "label")
 LAYOUTS = ("auto", "pickapic", "plain")
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 CHECKPOINT_NAME = "step-aware_preference_model"
+# What a resume may not change: the rows, their rendering, their order and the batches they form
+# (data.eval, the held-out pairs, may change: it is read only after training).
+FROZEN_ON_RESUME = ("model.", "spm.", "data.train", "data.eval_fraction", "data.layout", "data.image_root", "data.relabel.",
+                    "train.seed", "train.batch_size", "train.grad_accum_steps", "train.shuffle_buffer", "ray.num_trainers")
 
 
 
@@ -115,6 +119,9 @@ class SPMRunConfig:
     output_dir: str = "runs"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     log_every: int = 10  # optimizer steps between progress lines
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (0: none); a restart resumes the latest
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # "auto": continue the run's latest checkpoint | "never": a run directory with one is an error
 
 
 @dataclass
@@ -201,6 +208,9 @@ def validate_spm_config(cfg: SPMConfig) -> None:
         (r.zero_stage in (0, 1, 2), f"ray.zero_stage must be 0, 1 or 2 for the SPM, got {r.zero_stage}"),
         (r.render_batch_size >= 1, f"ray.render_batch_size must be >= 1, got {r.render_batch_size}"),
         (cfg.run.log_every >= 1, f"run.log_every must be >= 1, got {cfg.run.log_every}"),
+        (cfg.run.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {cfg.run.checkpoint_every}"),
+        (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
+        (cfg.run.resume in ("auto", "never"), f"run.resume must be auto or never, got {cfg.run.resume!r}"),
     ]
     problems = common_problems(cfg) + [message for ok, message in checks if not ok]
     for role in ("renderer", "trainer"):

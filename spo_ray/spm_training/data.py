@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,13 +186,16 @@ def tag_examples(
     image_root: str | None,
     bucket_edges: list[int],
     timesteps_per_bucket: int,
+    consumed: np.ndarray | None = None,
 ) -> Any:
     """One Ray Data batch (pandas) of raw pairs -> rows the renderer takes, all keyed by pure functions.
 
     Keeps the split's rows, reads plain-layout images as bytes, and adds ``example_id`` (a hash of the
     prompt and both images: independent of file order), ``label_0``, ``weight`` = 1 / examples-per-prompt,
     and the timestep: a training row gets t ~ U{0..999} keyed by (seed, epoch, example id); a held-out pair
-    becomes ``timesteps_per_bucket`` rows per bucket, t uniform inside the bucket.
+    becomes ``timesteps_per_bucket`` rows per bucket, t uniform inside the bucket. ``consumed``
+    (sorted example ids of this epoch a resumed run already trained on) are dropped here, before
+    the expensive rendering.
     """
     import pandas as pd
 
@@ -207,6 +212,8 @@ def tag_examples(
             images = [row[img0], row[img1]]
             images = [im["bytes"] if isinstance(im, dict) else bytes(im) for im in images]  # HF Image feature
         example_id = rng.derive_seed("spm-example", prompt, _digest(images[0]), _digest(images[1]))
+        if consumed is not None and _contains(consumed, example_id):
+            continue
         base = {
             "prompt": prompt, "image_0": images[0], "image_1": images[1],
             "label_0": float(label_0_of(layout, np.array([row[label_col]]))[0]),
@@ -221,6 +228,48 @@ def tag_examples(
                 rows.append({**base, "slot": slot, "t": lo + rng.randint(hi - lo, "spm-eval-t", seed, example_id, slot)})
     columns = ["prompt", "image_0", "image_1", "label_0", "weight", "example_id", "epoch", "slot", "t"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _contains(sorted_ids: np.ndarray, value: int) -> bool:
+    i = int(np.searchsorted(sorted_ids, value))
+    return i < len(sorted_ids) and int(sorted_ids[i]) == value
+
+
+def keyed_shuffle(
+    chunks: Iterable[dict[str, np.ndarray]], *, buffer_rows: int, batch_size: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Training batches from a stream of row chunks, shuffled through a buffer of ``buffer_rows``
+    rows that always releases its row with the smallest key (a pure function of seed, epoch and
+    example id); a last partial batch is dropped (ranks step together).
+
+    Unlike a random shuffle buffer this one resumes exactly: at a batch boundary the buffer holds
+    the ``buffer_rows`` earliest rows not yet trained on, so a resumed stream without the rows
+    already trained on (``tag_examples(consumed=...)``) refills it with the same rows and yields the
+    same batches from there. Memory: ``buffer_rows`` rendered rows (2 x 3 x 224 x 224 fp32 = 1.2 MB
+    each: 300 MB at 256), as Ray's local shuffle buffer holds."""
+    heap: list[tuple[int, int, int, dict[str, np.ndarray]]] = []
+    arrived = 0  # ties (the same pair twice in an epoch) keep stream order, in a resumed stream too
+    ready: list[dict[str, np.ndarray]] = []
+
+    def batch() -> dict[str, np.ndarray]:
+        out = {k: np.stack([r[k] for r in ready]) for k in ready[0]}
+        ready.clear()
+        return out
+
+    for chunk in chunks:
+        for i in range(len(chunk["example_id"])):
+            row = {k: np.array(v[i]) for k, v in chunk.items()}  # a copy: the chunk is not kept alive
+            key = rng.derive_seed("spm-shuffle", seed, int(row["epoch"]), int(row["example_id"]))
+            heapq.heappush(heap, (key, int(row["example_id"]), arrived, row))
+            arrived += 1
+            if len(heap) > buffer_rows:
+                ready.append(heapq.heappop(heap)[3])
+                if len(ready) == batch_size:
+                    yield batch()
+    while heap:
+        ready.append(heapq.heappop(heap)[3])
+        if len(ready) == batch_size:
+            yield batch()
 
 
 def inspect_splits(cfg: SPMConfig) -> tuple[PreferenceSource, PreferenceSource | None]:

@@ -124,6 +124,24 @@ class X0Renderer:
             self.relabel = build_scorer(rl.scorer, clip_dir=rl.clip_dir, checkpoint=rl.checkpoint, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rendered in chunks of exactly ``ray.render_batch_size`` rows (a short one padded with copies
+        of its first row, whose outputs are dropped): a row's pixels depend on the batch's size (the
+        kernels block by shape) but not on the other rows, so a row renders bit-identically in any
+        batch, as an exact resume needs when the rows around it differ. Cost: at most one padded
+        chunk per Ray Data block (< 2 % of the renders at 16-row chunks and ~1,000-row blocks)."""
+        size = self.cfg.ray.render_batch_size
+        n = len(batch["t"])
+        chunks = []
+        for lo in range(0, n, size):
+            part = {k: v[lo : lo + size] for k, v in batch.items()}
+            short = size - len(part["t"])
+            if short:
+                part = {k: np.concatenate([v, np.repeat(v[:1], short, axis=0)]) for k, v in part.items()}
+            out = self._render(part)
+            chunks.append({k: v[: size - short] for k, v in out.items()})
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def _render(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from spo_ray.spm import preprocess_images
 
         res, size, seed = self.model.resolution, self.cfg.spm.image_size, self.cfg.train.seed
