@@ -50,7 +50,7 @@ def test_killed_sampler_scorer_and_trainer_lose_nothing(ray_cluster, tmp_path):
     args = [
         "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", f"run.max_rounds={rounds}",
         "run.checkpoint_every_rounds=2", "ray.num_samplers=2", "ray.num_trainers=2", "ray.max_policy_lag=1",
-        "train.test_delay_s=1.0", "train.epochs=2",
+        "train.test_delay_s=1.0", "train.epochs=2", "tracking.enabled=false",  # MLflow: tests/test_ray_engine.py
     ]
     job_id = client.submit_job(
         entrypoint="python jobs/spo_sd15.py " + " ".join(args),

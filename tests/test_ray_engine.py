@@ -142,29 +142,14 @@ def test_sd15_job_two_trainers_gate_and_accounting(ray_cluster, tmp_path):
     assert found["ray_spo_gate_wait_seconds_count"] >= 1 and found["ray_spo_round_seconds_count"] == 3
     for key in ("ray_spo_busy_seconds_total", "ray_spo_loss", "ray_spo_busy_fraction", "ray_spo_pairs_per_second"):
         assert found[key] > 0, key
-
-    # Re-submitted with the same run name and ONE trainer worker: it resumes from the checkpoint
-    # at position 2 (weights and whole Adam moments, so the world size may change), redoes round 2,
-    # trains round 3, and continues the same MLflow run without logging a step twice.
-    proc = submit_job(
-        ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", named, f"run.output_dir={tmp_path}", "run.max_rounds=4",
-        "ray.num_samplers=2", "ray.num_trainers=1",
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "(prompt-plan position 2," in proc.stdout
-    resumed = read_summary(run_dir)
-    assert_accounting(resumed)
-    assert resumed["world_size"] == 1 and resumed["accounting"]["prompts"] == 16
-    assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]
-    (run,) = client.search_runs(client.get_experiment_by_name("spo-ray").experiment_id)
-    losses = client.get_metric_history(run.info.run_id, "loss")
-    assert len({m.step for m in losses}) == len(losses) and max(m.step for m in losses) == resumed["global_step"]
+    # (A re-submission on another world size: tests/test_chaos.py; the same MLflow run continued
+    # on Ray, no step twice: the SPM job test; cross-engine resumes: the parity test below.)
 
 
 def test_sdxl_job_learns_at_lag_1(ray_cluster, tmp_path):
     proc = submit_job(
         ray_cluster, "jobs/spo_sdxl.py", "--preset", "tiny-sdxl",
-        f"run.output_dir={tmp_path}", "run.max_rounds=8", *TWO_SAMPLERS_TWO_TRAINERS, "run.checkpoint_every_rounds=0",
+        f"run.output_dir={tmp_path}", "run.max_rounds=8", *TWO_SAMPLERS_TWO_TRAINERS, "run.checkpoint_every_rounds=0", "tracking.enabled=false",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run_dir = tmp_path / "tiny-sdxl"

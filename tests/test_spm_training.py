@@ -379,6 +379,7 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
     assert checkpoints == ["round-0000040", "round-0000080"], checkpoints
     again = tmp_path / "again"
     shutil.copytree(out / "spm-tiny" / "checkpoints" / "round-0000080", again / "spm-tiny" / "checkpoints" / "round-0000080")
+    shutil.copy(out / "mlflow.db", again / "mlflow.db")  # the store as it was: the MLflow run goes on
     proc = submit_job(  # without the held-out pairs (read only after training, so a resume may drop them)
         ray_cluster, "jobs/train_spm.py", "--preset", "spm-tiny", f"data.train={data / 'train.parquet'}",
         f"model.pretrained={unit_latent_base}", f"run.output_dir={again}", "run.checkpoint_every=40", timeout=400,
@@ -391,3 +392,9 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
     assert all(torch.equal(first[k], second[k]) for k in first), [k for k in first if not torch.equal(first[k], second[k])][:5]
     steps = [json.loads(line)["step"] for line in (again / "spm-tiny" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [90]
+    client = MlflowClient(tracking_uri=f"sqlite:///{again / 'mlflow.db'}")
+    assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]  # the checkpoint's run, continued
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    losses = client.get_metric_history(run.info.run_id, "loss")  # step 90 was logged before: not twice
+    assert sorted(m.step for m in losses) == list(range(10, summary["optimizer_steps"] + 1, 10))
