@@ -46,7 +46,7 @@ def test_killed_sampler_scorer_and_trainer_lose_nothing(ray_cluster, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_cluster)
-    rounds = 6
+    rounds = 5  # kills after rounds 1, 2 and 3; the trainer's resume at the position-2 checkpoint
     args = [
         "--preset", "tiny-sd15", f"run.output_dir={tmp_path}", f"run.max_rounds={rounds}",
         "run.checkpoint_every_rounds=2", "ray.num_samplers=2", "ray.num_trainers=2", "ray.max_policy_lag=1",

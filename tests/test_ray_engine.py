@@ -231,10 +231,10 @@ def test_parity_and_resume_across_engines_at_lag_0(ray_cluster, tmp_path):
     the resuming engine does. Both engines write the same keys to metrics.jsonl and MLflow."""
     common = ["ray.max_policy_lag=0", "ray.num_trainers=1", "run.checkpoint_every_rounds=2"]
 
-    def on_ray(out: Path, rounds: int) -> str:
+    def on_ray(out: Path, rounds: int, actors: int = 2) -> str:
         proc = submit_job(
             ray_cluster, "jobs/spo_sd15.py", "--preset", "tiny-sd15", f"run.output_dir={out}",
-            "ray.num_samplers=2", "ray.num_scorers=2", f"run.max_rounds={rounds}", *common,
+            f"ray.num_samplers={actors}", f"ray.num_scorers={actors}", f"run.max_rounds={rounds}", *common,
         )
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         return proc.stdout
@@ -257,7 +257,7 @@ def test_parity_and_resume_across_engines_at_lag_0(ray_cluster, tmp_path):
     on_ray(tmp_path / "ray", 4)
     local, ray_dir = tmp_path / "local" / "tiny-sd15", tmp_path / "ray" / "tiny-sd15"
     stopped_after_2_rounds(local, tmp_path / "local-then-ray")
-    resumed_on_ray = on_ray(tmp_path / "local-then-ray", 4)
+    resumed_on_ray = on_ray(tmp_path / "local-then-ray", 4, actors=1)  # and with another number of actors
     stopped_after_2_rounds(ray_dir, tmp_path / "ray-then-local")
     in_process(tmp_path / "ray-then-local", 4)
 
