@@ -25,10 +25,12 @@ PLAIN_COLUMNS = ("prompt", "image_0", "image_1", "label")
 LAYOUTS = ("auto", "pickapic", "plain")
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 CHECKPOINT_NAME = "step-aware_preference_model"
-# What a resume may not change: the rows, their rendering, their order and the batches they form
-# (data.eval, the held-out pairs, may change: it is read only after training).
+# What a resume may not change: the rows, their rendering (its chunk size too: the kernels' rounding
+# depends on it), their order and the batches they form (data.eval, the held-out pairs, may change:
+# it is read only after training).
 FROZEN_ON_RESUME = ("model.", "spm.", "data.train", "data.eval_fraction", "data.layout", "data.image_root", "data.relabel.",
-                    "train.seed", "train.batch_size", "train.grad_accum_steps", "train.shuffle_buffer", "ray.num_trainers")
+                    "train.seed", "train.batch_size", "train.grad_accum_steps", "train.shuffle_buffer", "ray.num_trainers",
+                    "ray.render_batch_size")
 
 
 
