@@ -273,14 +273,15 @@ def read_progress(path: str | Path) -> RunProgress:
     return RunProgress.from_dict(data, source=str(path))
 
 
-def shard_files(path: Path, kind: str) -> list[Path]:
-    """A checkpoint's shards of one kind (``weights`` or ``optimizer``), as its manifest lists them."""
+def shard_files(path: Path, kind: str, *, required: bool = True) -> list[Path]:
+    """A checkpoint's shards of one kind (``weights``, ``optimizer``, ``extra``), as its manifest
+    lists them; none listed is an error unless not ``required``."""
     try:
         listed = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is missing or unreadable ({err})") from err
     files = sorted(path / name for name in listed if name.startswith(f"{kind}-"))
-    if not files:
+    if not files and required:
         raise CheckpointError(f"checkpoint {path} is incomplete: it lists no {kind} shard")
     for file in files:
         if not file.is_file() or file.stat().st_size != listed[file.name]["bytes"]:
@@ -305,15 +306,8 @@ def load_checkpoint(path: str | Path) -> tuple[RunProgress, dict[str, torch.Tens
 
 def extra_shards(path: str | Path) -> list[dict[str, torch.Tensor]]:
     """Every rank's ``extra`` tensors of a checkpoint (an empty list when it has none)."""
-    path = Path(path)
-    try:
-        files = shard_files(path, "extra")
-    except CheckpointError as err:
-        if "lists no extra shard" in str(err):
-            return []
-        raise
     out = []
-    for file in files:
+    for file in shard_files(Path(path), "extra", required=False):
         try:
             out.append(load_file(str(file)))
         except Exception as err:  # noqa: BLE001 - as load_checkpoint

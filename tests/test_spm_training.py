@@ -285,9 +285,11 @@ def test_resume_point_reads_consumed_rows_and_refuses_what_cannot_be_exact(tmp_p
     path, consumed = _resume_point(cfg)
     assert path.name == "round-0000012" and not (cfg.run_dir / "checkpoints" / ".tmp-round-0000020").exists()
     assert {e: v.tolist() for e, v in consumed.items()} == {0: [2, 4, 9], 1: [7]}
-    with pytest.raises(ValueError, match="run.resume=never but .* already holds checkpoints"):
+    from spo_ray.preflight import InputError  # a user error: the entry point prints it without a traceback
+
+    with pytest.raises(InputError, match="run.resume=never but .* already holds checkpoints"):
         _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "run.resume=never"]))
-    with pytest.raises(ValueError, match="train.seed: 42 -> 7; train.shuffle_buffer: 64 -> 0"):
+    with pytest.raises(InputError, match="train.seed: 42 -> 7; train.shuffle_buffer: 64 -> 0"):
         _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "train.seed=7", "train.shuffle_buffer=0"]))
     _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "train.learning_rate=1e-3"]))  # lr may change
 
@@ -336,6 +338,7 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
     ties = int((held["label_0"] == 0.5).sum())
     assert all(b["pairs_counted"] == 48 - ties and b["ties"] == ties for b in summary["eval_buckets"])
     assert summary["train_rows"] == 3 * 256 and summary["optimizer_steps"] == 3 * 256 // 8
+    assert summary["skipped_steps_this_attempt"] == 0  # a non-finite step would be counted and logged
     assert acc["0-199"] >= 0.75 and before["0-199"] <= 0.65, (acc, before)
 
     # MLflow, as the SPO engines log: one store per output dir, per-step training metrics, the

@@ -19,6 +19,7 @@ from spo_ray.checkpointing import (
     remove_stale_temporaries,
     resume_changes,
 )
+from spo_ray.preflight import InputError
 from spo_ray.ray.common import make_split, torch_trainer
 from spo_ray.run_log import cut_redone
 from spo_ray.spm_training.config import FROZEN_ON_RESUME, PICKAPIC_COLUMNS, PLAIN_COLUMNS, SPMConfig
@@ -86,9 +87,12 @@ def _resume_point(cfg: SPMConfig) -> tuple[Path | None, dict[int, np.ndarray]]:
     if resumed is None:
         return None, {}
     if cfg.run.resume == "never":
-        raise ValueError(f"run.resume=never but {cfg.run_dir} already holds checkpoints (latest {resumed.name}): "
+        raise InputError(f"run.resume=never but {cfg.run_dir} already holds checkpoints (latest {resumed.name}): "
                          "choose another run.name or run.output_dir, or run.resume=auto to continue it")
-    resume_changes(cfg, FROZEN_ON_RESUME)
+    try:
+        resume_changes(cfg, FROZEN_ON_RESUME)
+    except ValueError as err:  # a user's to fix: the entry point prints it, no traceback
+        raise InputError(str(err)) from err
     consumed = consumed_by_epoch(extra_shards(resumed))
     log.info("%s: resuming from %s (step %d; %d rows already trained on are skipped, not rendered)",
              cfg.run.name, resumed, read_progress(resumed).position, sum(len(v) for v in consumed.values()))

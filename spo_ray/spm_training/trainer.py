@@ -210,7 +210,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     tracker = _start_tracking(cfg, mlflow_run_id) if rank == 0 else None
     mlflow_run_id = tracker.run_id if tracker is not None else None
     started, rows = time.time(), progress.rows // world  # this rank's rows (the split is equal)
-    rows_at_start, micro, window = rows, 0, progress.window
+    rows_at_start, micro, window, skipped = rows, 0, progress.window, 0
     epochs_seen: set[int] = set()
     shard = ray.train.get_dataset_shard("train")
     chunks = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy")
@@ -231,7 +231,9 @@ def spm_train_loop(config: dict[str, Any]) -> None:
         consumed.add(batch)
         if not boundary:
             continue
-        learner.step()
+        if not learner.step().applied:  # a non-finite gradient: DeepSpeed skipped the update
+            skipped += 1
+            log.warning("step %d: non-finite gradient, update skipped (%d so far)", progress.step + 1, skipped)
         progress.step += 1
         if progress.step % cfg.run.log_every == 0:
             rate = (rows - rows_at_start) * world / max(time.time() - started, 1e-9)
@@ -281,6 +283,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
         st_path = out.save_safetensors(final / f"{CHECKPOINT_NAME}.safetensors")
         summary = {
             "checkpoint": str(bin_path), "checkpoint_safetensors": str(st_path), "optimizer_steps": step,
+            "skipped_steps_this_attempt": skipped,
             "train_rows": int(total_rows), "world_size": world, "train_seconds": train_seconds,
             "eval_buckets": buckets,
             "accuracy_by_bucket": {b["bucket"]: b["accuracy"] for b in buckets},
