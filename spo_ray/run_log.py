@@ -19,10 +19,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spo_ray.accounting import Accounting
-from spo_ray.learner import StepRecord
+
+if TYPE_CHECKING:  # torch stays out of the processes that only log (the coordination actors)
+    from spo_ray.learner import StepRecord
 
 log = logging.getLogger(__name__)
 

@@ -98,6 +98,10 @@ def submit_job(address: str, script: str, *args: str, timeout: int = 600) -> sub
     started = time.time()
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     sys.stderr.write(f"[submit_job] {script} {' '.join(args)} took {time.time() - started:.0f}s rc={proc.returncode}\n")
+    if os.environ.get("SPO_TEST_JOB_LOGS"):  # a folder: each job's output kept, to read where its time went
+        logs = Path(os.environ["SPO_TEST_JOB_LOGS"])
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{int(started)}-{Path(script).stem}.log").write_text(proc.stdout + proc.stderr)
     return proc
 
 

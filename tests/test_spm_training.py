@@ -32,6 +32,7 @@ from spo_ray.spm_training import (
     relabel_from_scores,
     tag_examples,
 )
+from spo_ray.spm_training.data import read_and_tag, unit_plan
 from tests.conftest import submit_job
 
 NOUNS = ["apple", "car", "house", "bird", "flower", "boat", "hat", "chair", "lamp", "kite", "cup", "door"]
@@ -133,6 +134,33 @@ def test_tagging_weights_timesteps_and_ids_are_pure_functions(tmp_path: Path):
     tr = tag_examples(df, epoch=0, **{**kw, "eval_fraction": 0.5})
     ho = tag_examples(df, epoch=-1, **{**kw, "split": "eval", "eval_fraction": 0.5})
     assert set(tr["prompt"]).isdisjoint(ho["prompt"]) and set(tr["prompt"]) | set(ho["prompt"]) == set(df["caption"])
+
+
+def test_read_plan_keeps_epochs_in_order_and_drops_consumed_rows(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = write_pickapic(tmp_path / "p.parquet", 40, seed=5)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "p.parquet", row_group_size=16)
+    src = inspect_preferences(str(tmp_path / "p.parquet"), "auto", None)
+    assert src.units == [(str(tmp_path / "p.parquet"), g) for g in range(3)]  # 16 + 16 + 8 rows
+    items = unit_plan(src.units, [0, 1, 2], seed=3, shuffle=True)
+    assert [i["epoch"] for i in items] == [0] * 3 + [1] * 3 + [2] * 3  # one epoch after another
+    orders = [[i["row_group"] for i in items[e * 3:(e + 1) * 3]] for e in range(3)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders) and len({tuple(o) for o in orders}) > 1  # seeded per epoch
+    assert unit_plan(src.units, [0, 1, 2], seed=3, shuffle=True) == items
+    assert [i["row_group"] for i in unit_plan(src.units, [-1], seed=3, shuffle=False)] == [0, 1, 2]
+
+    kw = dict(fmt="parquet", layout="pickapic", split="train", seed=3, prompt_counts=src.prompt_counts, eval_fraction=0.0,
+              image_root=None, bucket_edges=EDGES, timesteps_per_bucket=1)
+    rows = pd.concat(list(read_and_tag(pd.DataFrame(items), **kw)))
+    assert rows["epoch"].tolist() == [0] * 40 + [1] * 40 + [2] * 40
+    whole = tag_examples(df, epoch=1, **{k: v for k, v in kw.items() if k != "fmt"})
+    assert sorted(rows[rows["epoch"] == 1]["t"]) == sorted(whole["t"])  # the same tags, read in units
+    # A resume's consumed rows (sorted ids per epoch) are dropped before rendering.
+    done = np.sort(rows[rows["epoch"] == 1]["example_id"].to_numpy()[:25])
+    resumed = pd.concat(list(read_and_tag(pd.DataFrame(items), consumed={1: done}, **kw)))
+    assert (resumed["epoch"] == 1).sum() == 15 and not set(done) & set(resumed[resumed["epoch"] == 1]["example_id"])
 
 
 def test_plain_layout_and_reader_errors(tmp_path: Path):

@@ -81,6 +81,9 @@ def build_pair_stream(cfg: SPOConfig, prompts: list[str], position: int, generat
     )
     # Rounds, checkpoints and the lag gate pause the stream on purpose.
     ds.context.execution_no_progress_timeout_s = -1
+    # Ray Data's bars print a line per update in `ray job logs` (thousands per run, rendered on the
+    # driver's core); the trainer logs each round and the run's metrics carry the stream's rates.
+    ds.context.enable_progress_bars = False
     return ds
 
 

@@ -1,7 +1,8 @@
 """Training the step-aware preference model (SPM) on Ray (DESIGN.md, "The step-aware preference model").
 
     preference files (Pick-a-Pic parquet, or prompt/image paths/label as parquet, jsonl or csv)
-      -> Ray Data read -> map_batches(tag_examples)      split, example id, weight, epoch, t (pure functions)
+      -> from_items(unit_plan) -> map_batches(read_and_tag)   every epoch's row groups, one epoch after
+                                                 another; split, example id, weight, epoch, t (pure functions)
       -> map_batches(X0Renderer, actor pool)             base model: VAE encode, shared noise at t, one CFG
                                                          UNet step -> x0_hat, decode, straight resize to 224
       -> streaming_split -> TorchTrainer + DeepSpeed      SPM scores both at t, cross-entropy, AdamW
@@ -12,27 +13,23 @@ The frozen base model lives only in the renderer actors; the trainer holds only 
 renders the same whichever actor renders it.
 """
 
-from spo_ray.spm_training.config import SPMConfig, load_spm_config, spm_config_from_dict, validate_spm_config
-from spo_ray.spm_training.data import (
-    PreferenceDataError,
-    PreferenceSource,
-    bucket_of,
-    inspect_preferences,
-    tag_examples,
-)
-from spo_ray.spm_training.driver import run_spm_training
-from spo_ray.spm_training.render import (
-    X0Renderer,
-    decode_image,
-    relabel_from_scores,
-    render_x0_pairs,
-    resize_straight,
-)
-from spo_ray.spm_training.trainer import pair_cross_entropy, preference_loss
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "PreferenceDataError", "PreferenceSource", "SPMConfig", "X0Renderer", "bucket_of", "decode_image",
-    "inspect_preferences", "load_spm_config", "pair_cross_entropy", "preference_loss", "relabel_from_scores",
-    "render_x0_pairs", "resize_straight", "run_spm_training", "spm_config_from_dict", "tag_examples",
-    "validate_spm_config",
-]
+# Names resolved on first use: a Ray Data task that runs ``data.tag_examples`` imports this package,
+# and should not pay for diffusers, DeepSpeed and MLflow (the driver's and renderer's imports).
+_EXPORTS = {
+    "config": ("SPMConfig", "load_spm_config", "spm_config_from_dict", "validate_spm_config"),
+    "data": ("PreferenceDataError", "PreferenceSource", "bucket_of", "inspect_preferences", "tag_examples"),
+    "driver": ("run_spm_training",),
+    "render": ("X0Renderer", "decode_image", "relabel_from_scores", "render_x0_pairs", "resize_straight"),
+    "trainer": ("pair_cross_entropy", "preference_loss"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from spo_ray import rng
 from spo_ray.spm_training.config import FORMATS, NUM_TIMESTEPS, PICKAPIC_COLUMNS, PLAIN_COLUMNS, SPMConfig
@@ -35,6 +34,7 @@ class PreferenceSource:
     prompt_counts: dict[str, int]  # examples per prompt (the weight is 1 / count)
     num_examples: int
     num_ties: int
+    units: list[tuple[str, int]]  # what one read task reads: (file, parquet row group), -1 = the whole file
 
 
 def resolve_files(spec: str) -> list[str]:
@@ -83,6 +83,15 @@ def _column_names(path: str, fmt: str) -> list[str]:
     return list(_read_table(path, fmt).column_names)
 
 
+def _row_groups(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_row_groups
+    except Exception as err:
+        raise PreferenceDataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+
+
 def detect_layout(columns: list[str], layout: str, path: str) -> str:
     """``pickapic`` (caption, jpg_0, jpg_1, label_0) or ``plain`` (prompt, image_0, image_1, label)."""
     if layout == "auto":
@@ -122,7 +131,9 @@ def inspect_preferences(spec: str, layout: str, image_root: str | None, *, keep=
     found = None
     counts: dict[str, int] = {}
     num, ties = 0, 0
+    units: list[tuple[str, int]] = []
     for path in files:
+        units += [(path, g) for g in range(_row_groups(path))] if fmt == "parquet" else [(path, -1)]
         lay = detect_layout(_column_names(path, fmt), layout, path)
         if found is not None and lay != found:
             raise PreferenceDataError(f"{path} is in the {lay} layout but {files[0]} is {found}")
@@ -157,10 +168,10 @@ def inspect_preferences(spec: str, layout: str, image_root: str | None, *, keep=
     if found == "plain" and not image_root and len({Path(f).parent for f in files}) > 1:
         raise PreferenceDataError(f"{spec}: files in several directories; set data.image_root for their image paths")
     root = (image_root or str(Path(files[0]).parent)) if found == "plain" else None
-    return PreferenceSource(files, fmt, found, root, counts, num, ties)
+    return PreferenceSource(files, fmt, found, root, counts, num, ties, units)
 
 
-def bucket_of(t: np.ndarray | torch.Tensor, edges: list[int]) -> np.ndarray:
+def bucket_of(t: Any, edges: list[int]) -> np.ndarray:
     """Index of the bucket [edges[i], edges[i+1]) each timestep falls in."""
     return np.searchsorted(np.asarray(edges[1:]), np.asarray(t), side="right")
 
@@ -233,6 +244,41 @@ def tag_examples(
 def _contains(sorted_ids: np.ndarray, value: int) -> bool:
     i = int(np.searchsorted(sorted_ids, value))
     return i < len(sorted_ids) and int(sorted_ids[i]) == value
+
+
+READ_CHUNK_ROWS = 256  # rows a read task hands on at a time (Pick-a-Pic: ~1 MB of images a row)
+
+
+def unit_plan(units: list[tuple[str, int]], epochs: list[int], *, seed: int, shuffle: bool) -> list[dict[str, Any]]:
+    """The stream's read tasks in order: every epoch's units one epoch after another, each epoch in
+    its own seeded order (``shuffle``; held-out rows keep file order). Ray Data keeps this order
+    through the pipeline (``preserve_order``), so the epochs follow one another in the stream; a
+    union of per-epoch reads would interleave them block by block."""
+    items = []
+    for epoch in epochs:
+        order = rng.permutation(len(units), "spm-units", seed, epoch).tolist() if shuffle else range(len(units))
+        items += [{"file": units[i][0], "row_group": units[i][1], "epoch": epoch} for i in order]
+    return items
+
+
+def read_and_tag(
+    items: Any, *, fmt: str, layout: str, consumed: dict[int, np.ndarray] | None = None, **tag_kwargs: Any
+) -> Iterator[Any]:
+    """Read the units of ``items`` (a pandas batch of :func:`unit_plan` rows) in chunks of
+    ``READ_CHUNK_ROWS`` rows and tag each chunk (:func:`tag_examples`) with its unit's epoch,
+    dropping the rows a resumed run already trained on (``consumed``: sorted ids per epoch)."""
+    import pyarrow.parquet as pq
+
+    cols = list(PICKAPIC_COLUMNS if layout == "pickapic" else PLAIN_COLUMNS)
+    for item in items.itertuples(index=False):
+        epoch = int(item.epoch)
+        if fmt == "parquet":
+            chunks = pq.ParquetFile(item.file).iter_batches(READ_CHUNK_ROWS, row_groups=[int(item.row_group)], columns=cols)
+        else:
+            chunks = _read_table(item.file, fmt, cols).to_batches(READ_CHUNK_ROWS)
+        for chunk in chunks:
+            yield tag_examples(chunk.to_pandas(), layout=layout, epoch=epoch,
+                               consumed=(consumed or {}).get(epoch), **tag_kwargs)
 
 
 def keyed_shuffle(

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from spo_ray import rng
 from spo_ray.checkpointing import (
     extra_shards,
     latest_checkpoint,
@@ -22,50 +21,41 @@ from spo_ray.checkpointing import (
 from spo_ray.preflight import InputError
 from spo_ray.ray.common import make_split, torch_trainer
 from spo_ray.run_log import cut_redone
-from spo_ray.spm_training.config import FROZEN_ON_RESUME, PICKAPIC_COLUMNS, PLAIN_COLUMNS, SPMConfig
-from spo_ray.spm_training.data import PreferenceSource, inspect_splits, tag_examples
+from spo_ray.spm_training.config import FROZEN_ON_RESUME, SPMConfig
+from spo_ray.spm_training.data import PreferenceSource, inspect_splits, read_and_tag, unit_plan
 from spo_ray.spm_training.render import X0Renderer
 from spo_ray.spm_training.trainer import consumed_by_epoch, spm_train_loop
 
 log = logging.getLogger(__name__)
 
-def _read_ray_dataset(src: PreferenceSource):
-    import ray.data
-
-    if src.fmt == "parquet":
-        cols = list(PICKAPIC_COLUMNS if src.layout == "pickapic" else PLAIN_COLUMNS)
-        return ray.data.read_parquet(src.files, columns=cols)
-    if src.fmt == "json":
-        return ray.data.read_json(src.files, lines=True, file_extensions=None)
-    return ray.data.read_csv(src.files)
-
-
 def build_stream(cfg: SPMConfig, src: PreferenceSource, split: str, consumed: dict[int, np.ndarray] | None = None):
-    """Tagged rows (all epochs for ``train``) -> the renderer actor pool -> SPM-ready rows. A resumed
-    run's ``consumed`` rows (sorted example ids per epoch) are dropped before rendering; an epoch
-    trained on in full is not read at all."""
+    """Read-and-tag tasks (every epoch of ``train`` in order, each epoch's files and row groups in a
+    seeded order) -> the renderer actor pool -> SPM-ready rows. A resumed run's ``consumed`` rows
+    (sorted example ids per epoch) are dropped before rendering; an epoch trained on in full is not
+    read at all.
+
+    Reading is plain pyarrow in Ray Data tasks (one task per parquet row group or file, in chunks of
+    256 rows), not ``ray.data.read_parquet``: a union of per-epoch reads interleaves the epochs block
+    by block, and Ray 2.60's parquet reader starts 32 footer-reader actors per read (measured:
+    docs/spm-training.md, "Reading")."""
     import ray.data
 
     consumed = consumed or {}
-
-    kwargs = dict(
-        layout=src.layout, split=split, seed=cfg.train.seed, prompt_counts=src.prompt_counts,
+    if split == "train":
+        epochs = [e for e in range(cfg.train.epochs) if len(consumed.get(e, ())) < src.num_examples]
+        # Every epoch was trained on before the checkpoint: the last one again, every row dropped,
+        # an empty stream (the trainer goes to evaluation).
+        epochs = epochs or [cfg.train.epochs - 1]
+    else:
+        epochs = [-1]
+    items = unit_plan(src.units, epochs, seed=cfg.train.seed, shuffle=split == "train")
+    tag_kwargs = dict(
+        fmt=src.fmt, layout=src.layout, split=split, seed=cfg.train.seed, prompt_counts=src.prompt_counts,
         eval_fraction=cfg.data.eval_fraction if cfg.data.eval is None else 0.0, image_root=src.image_root,
-        bucket_edges=cfg.eval.bucket_edges, timesteps_per_bucket=cfg.eval.timesteps_per_bucket,
+        bucket_edges=cfg.eval.bucket_edges, timesteps_per_bucket=cfg.eval.timesteps_per_bucket, consumed=consumed,
     )
-    epochs = range(cfg.train.epochs) if split == "train" else [-1]
-    parts = []
-    for epoch in epochs:
-        done = consumed.get(epoch)
-        if done is not None and len(done) >= src.num_examples:
-            continue
-        ds = _read_ray_dataset(src)
-        if split == "train":  # a different block order every epoch (a cheap, seeded shuffle)
-            ds = ds.randomize_block_order(seed=rng.derive_seed("spm-blocks", cfg.train.seed, epoch) % 2**31)
-        parts.append(ds.map_batches(tag_examples, batch_format="pandas", fn_kwargs={**kwargs, "epoch": epoch, "consumed": done}))
-    if not parts:  # every epoch was trained on before the checkpoint: an empty stream, the trainer goes to eval
-        parts = [_read_ray_dataset(src).limit(0).map_batches(tag_examples, batch_format="pandas", fn_kwargs={**kwargs, "epoch": 0})]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_and_tag, batch_size=1, batch_format="pandas", fn_kwargs=tag_kwargs)
     return ds.map_batches(
         X0Renderer,
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
@@ -127,6 +117,7 @@ def run_spm_training(cfg: SPMConfig) -> dict[str, Any]:
         datasets["eval"] = build_stream(cfg, eval_src, "eval")
     for ds in datasets.values():
         ds.context.execution_no_progress_timeout_s = -1  # the trainer consumes eval only at the end
+        ds.context.enable_progress_bars = False  # a line per update in `ray job logs`; the trainer logs progress
     # Training rows split equally (every rank takes the same number of DeepSpeed steps) and in order (the
     # epochs one after another; with one worker a run is a pure function of data and seeds); held-out
     # rows split without dropping any (eval sums are reduced over ranks).

@@ -211,14 +211,14 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     mlflow_run_id = tracker.run_id if tracker is not None else None
     started, rows = time.time(), progress.rows // world  # this rank's rows (the split is equal)
     rows_at_start, micro, window, skipped = rows, 0, progress.window, 0
-    epochs_seen: set[int] = set()
+    newest_epoch = -1
     shard = ray.train.get_dataset_shard("train")
     chunks = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy")
     for batch in keyed_shuffle(chunks, buffer_rows=t.shuffle_buffer, batch_size=t.batch_size, seed=t.seed):
-        new = set(batch["epoch"].tolist()) - epochs_seen
-        if rank == 0 and new:
-            log.info("epoch %d/%d: first rows arrived after %d rows", max(new) + 1, t.epochs, rows * world)
-        epochs_seen |= new
+        epoch = int(batch["epoch"].max())  # a resumed buffer may still release an earlier epoch's rows
+        if rank == 0 and epoch > newest_epoch:
+            log.info("epoch %d/%d: first rows trained after %d rows", epoch + 1, t.epochs, rows * world)
+        newest_epoch = max(newest_epoch, epoch)
         logits = pair_logits(engine.module, tokenizer, batch, device)
         label_0 = torch.tensor(batch["label_0"], device=device)
         loss = preference_loss(logits, label_0, torch.tensor(batch["weight"], device=device))
