@@ -59,6 +59,14 @@ class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row met a non-finite loss or gradient; the run stops."""
 
 
+def check_nonfinite_streak(in_a_row: int, limit: int) -> None:
+    """Raise :class:`NonFiniteError` once ``limit`` optimizer steps in a row were non-finite (the
+    SPO and SPM trainers' ``train.max_nonfinite_steps``): past a few, the run diverged."""
+    if in_a_row >= limit:
+        raise NonFiniteError(f"{in_a_row} optimizer steps in a row met a non-finite loss or gradient "
+                             f"(train.max_nonfinite_steps={limit}); stopping")
+
+
 # ----------------------------------------------------------------------------- the interface
 
 
@@ -393,9 +401,5 @@ def _train_step(learner: Learner, loss_fn: LossFn, rows: RoundRows, window: list
         score_margin=named["score_win"] - named["score_lose"], lr=learner.lr(), grad_norm=outcome.grad_norm,
         skipped=not outcome.applied, dropped_microbatches=dropped, num_transitions=sum(len(g) for g in window),
     )
-    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-        raise NonFiniteError(
-            f"{state.nonfinite_in_a_row} optimizer steps in a row met a non-finite loss or gradient "
-            f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping"
-        )
+    check_nonfinite_streak(state.nonfinite_in_a_row, cfg.max_nonfinite_steps)
     return record

@@ -32,7 +32,7 @@ from spo_ray.spm_training import (
     relabel_from_scores,
     tag_examples,
 )
-from spo_ray.spm_training.data import read_and_tag, unit_plan
+from spo_ray.spm_training.data import epochs_to_read, read_and_tag, unit_plan
 from tests.conftest import submit_job
 
 NOUNS = ["apple", "car", "house", "bird", "flower", "boat", "hat", "chair", "lamp", "kite", "cup", "door"]
@@ -161,6 +161,13 @@ def test_read_plan_keeps_epochs_in_order_and_drops_consumed_rows(tmp_path: Path)
     done = np.sort(rows[rows["epoch"] == 1]["example_id"].to_numpy()[:25])
     resumed = pd.concat(list(read_and_tag(pd.DataFrame(items), consumed={1: done}, **kw)))
     assert (resumed["epoch"] == 1).sum() == 15 and not set(done) & set(resumed[resumed["epoch"] == 1]["example_id"])
+    # A resume reads only the epochs not trained on in full; after the last row of the last epoch, an
+    # empty stream (that epoch again, every row dropped).
+    ids = {e: np.sort(rows[rows["epoch"] == e]["example_id"].to_numpy()) for e in range(3)}
+    assert epochs_to_read(3, {0: ids[0], 1: done}, 40) == [1, 2]
+    assert epochs_to_read(3, ids, 40) == [2]
+    last = unit_plan(src.units, epochs_to_read(3, ids, 40), seed=3, shuffle=True)
+    assert sum(len(c) for c in read_and_tag(pd.DataFrame(last), consumed=ids, **kw)) == 0
 
 
 def test_plain_layout_and_reader_errors(tmp_path: Path):
@@ -326,8 +333,9 @@ def test_config_errors_before_anything_runs():
     with pytest.raises(ConfigError, match="did you mean 'train.learning_rate'"):
         load_spm_config("spm-tiny", overrides=["train.learning_rat=1e-3", "data.train=x.parquet"])
     with pytest.raises(ConfigError) as info:
-        load_spm_config("spm-tiny", overrides=["train.epochs=0", "eval.bucket_edges=[0, 500]", "ray.zero_stage=3"])
-    for key in ("data.train", "train.epochs", "eval.bucket_edges", "ray.zero_stage"):
+        load_spm_config("spm-tiny", overrides=["train.epochs=0", "eval.bucket_edges=[0, 500]", "ray.zero_stage=3",
+                                               "train.max_nonfinite_steps=0"])
+    for key in ("data.train", "train.epochs", "eval.bucket_edges", "ray.zero_stage", "train.max_nonfinite_steps"):
         assert key in str(info.value)
     cfg = load_spm_config("spm-sd15")
     assert (cfg.train.learning_rate, cfg.train.adam_weight_decay, cfg.train.lr_warmup_steps) == (3e-6, 0.3, 500)

@@ -92,7 +92,8 @@ class SPMTrainConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
     epochs: int = 1
     seed: int = 42
-    shuffle_buffer: int = 256  # rows; a local shuffle on top of the per-epoch block order
+    shuffle_buffer: int = 256  # rows; a keyed shuffle on top of each epoch's seeded read order
+    max_nonfinite_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run
 
 
 @dataclass
@@ -201,6 +202,7 @@ def validate_spm_config(cfg: SPMConfig) -> None:
         (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
         (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
         (t.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {t.shuffle_buffer}"),
+        (t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}"),
         (len(edges) >= 2 and edges[0] == 0 and edges[-1] == NUM_TIMESTEPS and all(a < b for a, b in zip(edges, edges[1:], strict=False)),
          f"eval.bucket_edges must increase strictly from 0 to {NUM_TIMESTEPS}, got {edges}"),
         (e.timesteps_per_bucket >= 1, f"eval.timesteps_per_bucket must be >= 1, got {e.timesteps_per_bucket}"),

@@ -249,6 +249,14 @@ def _contains(sorted_ids: np.ndarray, value: int) -> bool:
 READ_CHUNK_ROWS = 256  # rows a read task hands on at a time (Pick-a-Pic: ~1 MB of images a row)
 
 
+def epochs_to_read(epochs: int, consumed: dict[int, np.ndarray], num_examples: int) -> list[int]:
+    """The training epochs a (resumed) stream reads: those not trained on in full. When every epoch
+    was, the last one, every row of it dropped as consumed: an empty stream, and the trainer goes
+    straight to evaluation (Ray Data passes no empty batch to the renderer)."""
+    todo = [e for e in range(epochs) if len(consumed.get(e, ())) < num_examples]
+    return todo or [epochs - 1]
+
+
 def unit_plan(units: list[tuple[str, int]], epochs: list[int], *, seed: int, shuffle: bool) -> list[dict[str, Any]]:
     """The stream's read tasks in order: every epoch's units one epoch after another, each epoch in
     its own seeded order (``shuffle``; held-out rows keep file order). Ray Data keeps this order

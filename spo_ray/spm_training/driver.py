@@ -22,7 +22,13 @@ from spo_ray.preflight import InputError
 from spo_ray.ray.common import make_split, torch_trainer
 from spo_ray.run_log import cut_redone
 from spo_ray.spm_training.config import FROZEN_ON_RESUME, SPMConfig
-from spo_ray.spm_training.data import PreferenceSource, inspect_splits, read_and_tag, unit_plan
+from spo_ray.spm_training.data import (
+    PreferenceSource,
+    epochs_to_read,
+    inspect_splits,
+    read_and_tag,
+    unit_plan,
+)
 from spo_ray.spm_training.render import X0Renderer
 from spo_ray.spm_training.trainer import consumed_by_epoch, spm_train_loop
 
@@ -41,13 +47,7 @@ def build_stream(cfg: SPMConfig, src: PreferenceSource, split: str, consumed: di
     import ray.data
 
     consumed = consumed or {}
-    if split == "train":
-        epochs = [e for e in range(cfg.train.epochs) if len(consumed.get(e, ())) < src.num_examples]
-        # Every epoch was trained on before the checkpoint: the last one again, every row dropped,
-        # an empty stream (the trainer goes to evaluation).
-        epochs = epochs or [cfg.train.epochs - 1]
-    else:
-        epochs = [-1]
+    epochs = epochs_to_read(cfg.train.epochs, consumed, src.num_examples) if split == "train" else [-1]
     items = unit_plan(src.units, epochs, seed=cfg.train.seed, shuffle=split == "train")
     tag_kwargs = dict(
         fmt=src.fmt, layout=src.layout, split=split, seed=cfg.train.seed, prompt_counts=src.prompt_counts,

@@ -159,6 +159,26 @@ def _finish_tracking(tracker: Any, summary: dict[str, Any], step: int, final: Pa
     return tracker.run_id
 
 
+def _stopped_early(reason: str, *, step: int, skipped: int, rows: int, world: int, run_dir: Path, tracker: Any,
+                   device: torch.device) -> None:
+    """A run stopped by diverged training: no evaluation and no final weights; the summary says why
+    and which checkpoint a resume (after the cause is fixed) would start from."""
+    from spo_ray.checkpointing import latest_checkpoint
+    from spo_ray.ray.common import all_reduce_sum
+
+    total_rows = all_reduce_sum([rows], device)[0]
+    if tracker is None:
+        return
+    latest = latest_checkpoint(run_dir)
+    reason += f"; the latest checkpoint stands: {latest}" if latest else "; no checkpoint was written before it"
+    log.error("%s", reason)
+    summary = {"stopped_by": reason, "optimizer_steps": step, "skipped_steps_this_attempt": skipped,
+               "train_rows": int(total_rows), "world_size": world, "mlflow_run_id": tracker.run_id}
+    tracker.log_dict(summary, "trainer_summary.json")
+    tracker.end("FAILED")
+    (run_dir / "trainer_summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def _report_step(step: int, window: list[float], lr: float, rows: int, rows_per_s: float, metrics_path: Path,
                  tracker: Any) -> None:
     """A step record from the window's sums over all ranks: metrics.jsonl, MLflow and the log (rank 0)."""
@@ -178,6 +198,7 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     ``run.checkpoint_every`` steps, resuming ``config["resume_from"]``), evaluate per bucket, save."""
     import ray.train
 
+    from spo_ray.learner import NonFiniteError, check_nonfinite_streak
     from spo_ray.ray.common import all_reduce_sum, trainer_device, worker_setup
     from spo_ray.ray.deepspeed_learner import DeepSpeedLearner
     from spo_ray.spm import StepAwarePreferenceModel, load_clip_processor
@@ -210,7 +231,8 @@ def spm_train_loop(config: dict[str, Any]) -> None:
     tracker = _start_tracking(cfg, mlflow_run_id) if rank == 0 else None
     mlflow_run_id = tracker.run_id if tracker is not None else None
     started, rows = time.time(), progress.rows // world  # this rank's rows (the split is equal)
-    rows_at_start, micro, window, skipped = rows, 0, progress.window, 0
+    rows_at_start, micro, window, skipped, in_a_row = rows, 0, progress.window, 0, 0
+    stopped_by: str | None = None
     newest_epoch = -1
     shard = ray.train.get_dataset_shard("train")
     chunks = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy")
@@ -231,9 +253,16 @@ def spm_train_loop(config: dict[str, Any]) -> None:
         consumed.add(batch)
         if not boundary:
             continue
-        if not learner.step().applied:  # a non-finite gradient: DeepSpeed skipped the update
-            skipped += 1
+        if not learner.step().applied:  # a non-finite gradient: DeepSpeed skipped the update (on every rank)
+            skipped, in_a_row = skipped + 1, in_a_row + 1
             log.warning("step %d: non-finite gradient, update skipped (%d so far)", progress.step + 1, skipped)
+            try:
+                check_nonfinite_streak(in_a_row, t.max_nonfinite_steps)
+            except NonFiniteError as err:  # no checkpoint of diverged weights: the latest one stands
+                stopped_by = str(err)
+                break
+        else:
+            in_a_row = 0
         progress.step += 1
         if progress.step % cfg.run.log_every == 0:
             rate = (rows - rows_at_start) * world / max(time.time() - started, 1e-9)
@@ -245,6 +274,11 @@ def spm_train_loop(config: dict[str, Any]) -> None:
             _checkpoint(cfg, learner, saved, consumed, mlflow_run_id, rank, world)
     train_seconds = progress.seconds + time.time() - started
     step = progress.step
+    if stopped_by is not None:  # every rank broke at the same step (DeepSpeed's overflow check is global)
+        _stopped_early(stopped_by, step=step, skipped=skipped, rows=rows, world=world, run_dir=run_dir,
+                       tracker=tracker, device=device)
+        ray.train.report({"optimizer_steps": step})
+        return
 
     # Held-out accuracy per timestep bucket (ties excluded), summed over ranks.
     engine.eval()
