@@ -329,6 +329,33 @@ def test_resume_point_reads_consumed_rows_and_refuses_what_cannot_be_exact(tmp_p
     _resume_point(load_spm_config("spm-tiny", overrides=[*overrides, "train.learning_rate=1e-3"]))  # lr may change
 
 
+def test_a_diverged_spm_run_stops_without_final_weights_and_names_its_checkpoint(tmp_path: Path):
+    """The trainer's early stop (train.max_nonfinite_steps skipped steps in a row): no evaluation, no
+    final weights; its summary says why and which checkpoint stands; its MLflow run ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from spo_ray.checkpointing import RunProgress, save_checkpoint
+    from spo_ray.learner import NonFiniteError, check_nonfinite_streak
+    from spo_ray.spm_training.trainer import _start_tracking, _stopped_early
+
+    cfg = load_spm_config("spm-tiny", overrides=[f"data.train={tmp_path / 'p.parquet'}", f"run.output_dir={tmp_path}",
+                                                 "train.max_nonfinite_steps=3"])
+    check_nonfinite_streak(2, cfg.train.max_nonfinite_steps)  # two in a row: go on
+    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row .*\(train.max_nonfinite_steps=3\)") as err:
+        check_nonfinite_streak(3, cfg.train.max_nonfinite_steps)
+    cfg.run_dir.mkdir(parents=True)
+    ckpt = save_checkpoint(cfg.run_dir, RunProgress(position=40), weights={"w": torch.zeros(2)}, optimizer={})
+    tracker = _start_tracking(cfg, None)
+    _stopped_early(str(err.value), step=43, skipped=3, rows=344, world=1, run_dir=cfg.run_dir, tracker=tracker,
+                   device=torch.device("cpu"))
+    summary = json.loads((cfg.run_dir / "trainer_summary.json").read_text())
+    assert summary["stopped_by"].endswith(f"the latest checkpoint stands: {ckpt}") and "max_nonfinite_steps=3" in summary["stopped_by"]
+    assert (summary["optimizer_steps"], summary["skipped_steps_this_attempt"], summary["train_rows"]) == (43, 3, 344)
+    assert not (cfg.run_dir / "final").exists() and "accuracy_by_bucket" not in summary
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+
+
 def test_config_errors_before_anything_runs():
     with pytest.raises(ConfigError, match="did you mean 'train.learning_rate'"):
         load_spm_config("spm-tiny", overrides=["train.learning_rat=1e-3", "data.train=x.parquet"])
