@@ -46,7 +46,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from spo_ray.evaluation import EvalInputError
     from spo_ray.preflight import InputError
     from spo_ray.prompts import PromptFileError
-    from spo_ray.spm_training import PreferenceDataError
+    from spo_ray.spm_training.data import PreferenceDataError
     from spo_ray.tracking import TrackingError
 
     return ConfigError, InputError, PromptFileError, EvalInputError, PreferenceDataError, TrackingError, CheckpointError
@@ -59,7 +59,7 @@ def load(kind: str, args: argparse.Namespace) -> Any:
 
         return load_eval_config(args.preset, config_file=args.config, overrides=args.overrides)
     if kind == "spm":
-        from spo_ray.spm_training import load_spm_config
+        from spo_ray.spm_training.config import load_spm_config
 
         return load_spm_config(args.preset, config_file=args.config, overrides=args.overrides)
     from spo_ray.config import load_config
@@ -74,7 +74,7 @@ def execute(kind: str, cfg: Any, engine: str = "ray") -> dict[str, Any]:
 
         return run_evaluation(cfg)
     if kind == "spm":
-        from spo_ray.spm_training import run_spm_training
+        from spo_ray.spm_training.driver import run_spm_training
 
         return run_spm_training(cfg)
     if engine == "in-process":

@@ -90,7 +90,7 @@ def test_role_threads_and_role_checks_for_every_config_kind():
     """One per-role thread rule and one set of role checks for the SPO, evaluation and SPM configs."""
     from spo_ray.config import role_threads
     from spo_ray.evaluation import load_eval_config
-    from spo_ray.spm_training import load_spm_config
+    from spo_ray.spm_training.config import load_spm_config
 
     spo = load_config("tiny-sd15", overrides=["ray.trainer.torch_threads=3"])
     assert (role_threads(spo.ray, "trainer"), role_threads(spo.ray, "sampler")) == (3, 1)  # preset: 1 per actor

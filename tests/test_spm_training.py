@@ -23,16 +23,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from spo_ray.config import ConfigError
-from spo_ray.spm_training import (
+from spo_ray.spm_training.config import load_spm_config
+from spo_ray.spm_training.data import (
     PreferenceDataError,
     bucket_of,
+    epochs_to_read,
     inspect_preferences,
-    load_spm_config,
-    preference_loss,
-    relabel_from_scores,
+    read_and_tag,
+    read_plan,
     tag_examples,
+    unit_plan,
 )
-from spo_ray.spm_training.data import epochs_to_read, read_and_tag, unit_plan
+from spo_ray.spm_training.render import relabel_from_scores
+from spo_ray.spm_training.trainer import preference_loss
 from tests.conftest import submit_job
 
 NOUNS = ["apple", "car", "house", "bird", "flower", "boat", "hat", "chair", "lamp", "kite", "cup", "door"]
@@ -168,6 +171,12 @@ def test_read_plan_keeps_epochs_in_order_and_drops_consumed_rows(tmp_path: Path)
     assert epochs_to_read(3, ids, 40) == [2]
     last = unit_plan(src.units, epochs_to_read(3, ids, 40), seed=3, shuffle=True)
     assert sum(len(c) for c in read_and_tag(pd.DataFrame(last), consumed=ids, **kw)) == 0
+    # The stream's plan: epochs 1 and 2 for that resume; one unit (not a whole epoch) after the last row.
+    plan = dict(split="train", epochs=3, num_examples=40, seed=3)
+    assert read_plan(src.units, consumed={0: ids[0], 1: done}, **plan) == unit_plan(src.units, [1, 2], seed=3, shuffle=True)
+    empty = read_plan(src.units, consumed=ids, **plan)
+    assert len(empty) == 1 and sum(len(c) for c in read_and_tag(pd.DataFrame(empty), consumed=ids, **kw)) == 0
+    assert read_plan(src.units, consumed={}, **{**plan, "split": "eval"}) == unit_plan(src.units, [-1], seed=3, shuffle=False)
 
 
 def test_plain_layout_and_reader_errors(tmp_path: Path):
@@ -205,7 +214,7 @@ def test_plain_layout_and_reader_errors(tmp_path: Path):
 
 def test_renderer_shares_noise_is_keyed_and_relabels(tmp_path: Path, unit_latent_base: Path):
     from spo_ray.scorers import ClipScorer
-    from spo_ray.spm_training import X0Renderer, decode_image, render_x0_pairs, resize_straight
+    from spo_ray.spm_training.render import X0Renderer, decode_image, render_x0_pairs, resize_straight
 
     df = write_pickapic(tmp_path / "p.parquet", 6, seed=5, tie_every=3)
     cfg = load_spm_config("spm-tiny", overrides=[
@@ -234,7 +243,7 @@ def test_renderer_prepares_spm_inputs_as_the_reference_spm_training(tmp_path: Pa
     """At 512 px (the resize to 224 shrinks, where antialiasing would matter) the renderer's pixels equal a
     transcription of the reference's SPM training: the x0_hat decode mapped to [0, 1] and clamped, a plain
     bicubic ``F.interpolate`` to 224 x 224 (no antialias), clamped again, normalised."""
-    from spo_ray.spm_training import X0Renderer, decode_image, render_x0_pairs
+    from spo_ray.spm_training.render import X0Renderer, decode_image, render_x0_pairs
 
     df = write_pickapic(tmp_path / "p.parquet", 2, seed=6)
     cfg = load_spm_config("spm-tiny", overrides=[

@@ -11,25 +11,8 @@
 The frozen base model lives only in the renderer actors; the trainer holds only the SPM. Every random draw
 (t and the noise both images of a pair share) is a pure function of (seed, epoch, example id), so a row
 renders the same whichever actor renders it.
+
+Import from the modules (config, data, render, trainer, driver): the package itself imports nothing,
+so a Ray Data read task that runs ``data.read_and_tag`` does not load diffusers, DeepSpeed and MLflow
+(3.1 s -> 1.0 s of CPU per task process here).
 """
-
-from importlib import import_module
-from typing import Any
-
-# Names resolved on first use: a Ray Data task that runs ``data.tag_examples`` imports this package,
-# and should not pay for diffusers, DeepSpeed and MLflow (the driver's and renderer's imports).
-_EXPORTS = {
-    "config": ("SPMConfig", "load_spm_config", "spm_config_from_dict", "validate_spm_config"),
-    "data": ("PreferenceDataError", "PreferenceSource", "bucket_of", "inspect_preferences", "tag_examples"),
-    "driver": ("run_spm_training",),
-    "render": ("X0Renderer", "decode_image", "relabel_from_scores", "render_x0_pairs", "resize_straight"),
-    "trainer": ("pair_cross_entropy", "preference_loss"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -72,24 +72,18 @@ def _read_table(path: str, fmt: str, columns: list[str] | None = None):
         raise PreferenceDataError(f"could not read {path}: {type(err).__name__}: {err}") from err
 
 
-def _column_names(path: str, fmt: str) -> list[str]:
+def _columns_and_units(path: str, fmt: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """A file's column names and its read units: each parquet row group (one footer read), or the
+    whole json/csv file (-1)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return list(pq.read_schema(path).names)
+            meta = pq.ParquetFile(path).metadata
+            return list(meta.schema.to_arrow_schema().names), [(path, g) for g in range(meta.num_row_groups)]
         except Exception as err:
             raise PreferenceDataError(f"could not read {path}: {type(err).__name__}: {err}") from err
-    return list(_read_table(path, fmt).column_names)
-
-
-def _row_groups(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path).metadata.num_row_groups
-    except Exception as err:
-        raise PreferenceDataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+    return list(_read_table(path, fmt).column_names), [(path, -1)]
 
 
 def detect_layout(columns: list[str], layout: str, path: str) -> str:
@@ -133,8 +127,9 @@ def inspect_preferences(spec: str, layout: str, image_root: str | None, *, keep=
     num, ties = 0, 0
     units: list[tuple[str, int]] = []
     for path in files:
-        units += [(path, g) for g in range(_row_groups(path))] if fmt == "parquet" else [(path, -1)]
-        lay = detect_layout(_column_names(path, fmt), layout, path)
+        columns, file_units = _columns_and_units(path, fmt)
+        units += file_units
+        lay = detect_layout(columns, layout, path)
         if found is not None and lay != found:
             raise PreferenceDataError(f"{path} is in the {lay} layout but {files[0]} is {found}")
         found = lay
@@ -251,10 +246,23 @@ READ_CHUNK_ROWS = 256  # rows a read task hands on at a time (Pick-a-Pic: ~1 MB 
 
 def epochs_to_read(epochs: int, consumed: dict[int, np.ndarray], num_examples: int) -> list[int]:
     """The training epochs a (resumed) stream reads: those not trained on in full. When every epoch
-    was, the last one, every row of it dropped as consumed: an empty stream, and the trainer goes
-    straight to evaluation (Ray Data passes no empty batch to the renderer)."""
+    was, the last one (:func:`read_plan` then reads one unit of it, every row dropped)."""
     todo = [e for e in range(epochs) if len(consumed.get(e, ())) < num_examples]
     return todo or [epochs - 1]
+
+
+def read_plan(units: list[tuple[str, int]], *, split: str, epochs: int, consumed: dict[int, np.ndarray],
+              num_examples: int, seed: int) -> list[dict[str, Any]]:
+    """The read tasks of a split's stream: the training epochs not yet trained on in full, in order
+    (:func:`unit_plan`), or the held-out units once. A resume after the last row reads a single
+    unit, all its rows dropped as consumed: an empty stream (Ray Data passes no empty batch to the
+    renderer; the trainer goes straight to evaluation) without reading an epoch for nothing."""
+    if split != "train":
+        return unit_plan(units, [-1], seed=seed, shuffle=False)
+    todo = epochs_to_read(epochs, consumed, num_examples)
+    items = unit_plan(units, todo, seed=seed, shuffle=True)
+    finished = all(len(consumed.get(e, ())) >= num_examples for e in todo)
+    return items[:1] if finished else items
 
 
 def unit_plan(units: list[tuple[str, int]], epochs: list[int], *, seed: int, shuffle: bool) -> list[dict[str, Any]]:

@@ -22,13 +22,7 @@ from spo_ray.preflight import InputError
 from spo_ray.ray.common import make_split, torch_trainer
 from spo_ray.run_log import cut_redone
 from spo_ray.spm_training.config import FROZEN_ON_RESUME, SPMConfig
-from spo_ray.spm_training.data import (
-    PreferenceSource,
-    epochs_to_read,
-    inspect_splits,
-    read_and_tag,
-    unit_plan,
-)
+from spo_ray.spm_training.data import PreferenceSource, inspect_splits, read_and_tag, read_plan
 from spo_ray.spm_training.render import X0Renderer
 from spo_ray.spm_training.trainer import consumed_by_epoch, spm_train_loop
 
@@ -47,8 +41,8 @@ def build_stream(cfg: SPMConfig, src: PreferenceSource, split: str, consumed: di
     import ray.data
 
     consumed = consumed or {}
-    epochs = epochs_to_read(cfg.train.epochs, consumed, src.num_examples) if split == "train" else [-1]
-    items = unit_plan(src.units, epochs, seed=cfg.train.seed, shuffle=split == "train")
+    items = read_plan(src.units, split=split, epochs=cfg.train.epochs, consumed=consumed,
+                      num_examples=src.num_examples, seed=cfg.train.seed)
     tag_kwargs = dict(
         fmt=src.fmt, layout=src.layout, split=split, seed=cfg.train.seed, prompt_counts=src.prompt_counts,
         eval_fraction=cfg.data.eval_fraction if cfg.data.eval is None else 0.0, image_root=src.image_root,
