@@ -2,20 +2,26 @@
 samplers, as logical resources on one machine, with the tiny model; then the cluster cases
 extrapolated from them.
 
-Each run: the tiny SD1.5 preset, 8 prompts per round, 16 transition pairs per micro-batch, lag 1,
-ZeRO-2, a checkpoint every round, tracking off. Measured per run, from the roles' telemetry:
+Each run: the tiny SD1.5 preset with SDXL's segments of 4 transitions (``num_inner_steps=3``: the
+case where a pair's transitions scatter over the ranks), 8 prompts per round, 16 transition pairs
+per micro-batch, lag 1, ZeRO-2, a checkpoint every round, tracking off. Measured per run, from the
+roles' telemetry:
 
-- bytes received per trainer rank per round (routed pairs, ``routing.route_round``): they must
-  fall as ranks grow (O(round / ranks));
+- bytes received and transition rows held per trainer rank per round (``routing.route_round``):
+  they must fall as ranks grow (O(round / ranks));
 - bytes through any single coordination actor per policy version (the PolicyStore handles
   references only; the weights go from rank 0's object store to each sampler);
-- publish-to-usable time (rank 0's publish to a sampler holding the version);
-- rank 0's serial time per round (the snapshot for publishing, the round's records, and the
-  checkpoint write) and checkpoint write time;
-- peak host memory per trainer rank.
+- a sampler's policy fetch (transfer and load) and the time from a version's registration to a
+  sampler holding it (which includes the sampler finishing the task it was on);
+- rank 0's serial time per round (publish, report and checkpoint stages: what every other rank
+  waits for at the next collective), as wall clock and as the main thread's CPU time; the CPU
+  time is the stages' own work, free of waits and of the other processes' share of the cores;
+- checkpoint time (rank 0's wall clock, the largest CPU time of any rank) and peak host memory
+  per trainer rank.
 
-The extrapolation (``extrapolate``) multiplies per-unit costs by the model's sizes at the three
-cases of the cluster issue; its formulas are printed with it.
+The extrapolation (``extrapolate``) evaluates the routing plan (``routing.transition_shares``, a
+pure function) at each cluster case's round and world size and multiplies by the case's sizes;
+its formulas are printed with it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Any
 from spo_ray.bench.runs import BenchOptions, start_local_ray
 
 SCALES = ((1, 1), (2, 2), (4, 4), (8, 8))  # (trainer ranks, samplers)
+# Rank 0's stages outside training that every other rank waits for at the next collective.
+SERIAL_STAGES = ("publish", "report", "checkpoint")
 
 
 @dataclass
@@ -45,7 +53,8 @@ def scale_config(trainers: int, samplers: int, opts: ScaleOptions):
     return load_config("tiny-sd15", overrides=[
         f"run.output_dir={Path(opts.out).resolve() / 'scale'}", f"run.name=scale-t{trainers}-s{samplers}",
         f"run.max_rounds={opts.rounds}", "run.checkpoint_every_rounds=1", "run.keep_checkpoints=1", "run.progress=false",
-        "sampling.prompts_per_round=8", "train.train_batch_size=16", "data.max_prompts=16", "train.epochs=2",
+        "sampling.prompts_per_round=8", "sampling.num_inner_steps=3", "train.train_batch_size=16",
+        "data.max_prompts=16", "train.epochs=2",
         f"ray.num_trainers={trainers}", f"ray.num_samplers={samplers}", "ray.num_scorers=1", "ray.max_policy_lag=1",
         "ray.zero_stage=2", "tracking.enabled=false", "ray.torch_threads_per_actor=1", "run.device=cpu",
     ])
@@ -54,73 +63,116 @@ def scale_config(trainers: int, samplers: int, opts: ScaleOptions):
 def measure_scale(summary: dict[str, Any], rounds: int, trainers: int, samplers: int) -> dict[str, Any]:
     """One run's per-unit figures from its summary (telemetry snapshots and the store's stats)."""
     snapshots = summary["telemetry"]["snapshots"]
-    ranks = snapshots.get("trainer", {})
+    stage_keys = [f"{stage}_{kind}" for stage in (*SERIAL_STAGES, "route") for kind in ("seconds", "cpu_seconds")]
     per_rank = {
-        actor: {k: snap.get("counters", {}).get(k, 0.0) for k in (
-            "bytes_in", "pairs_held", "publish_seconds", "report_seconds", "checkpoint_seconds", "rounds")}
+        actor: {k: snap.get("counters", {}).get(k, 0.0) for k in ("bytes_in", "transitions_held", "rounds", *stage_keys)}
         | {"peak_rss_mib": snap.get("peak_rss_bytes", 0) / 2**20}
-        for actor, snap in ranks.items()
+        for actor, snap in snapshots.get("trainer", {}).items()
     }
     rank0 = per_rank.get("rank0", {})
     done = max(rank0.get("rounds", 0.0), 1.0)
     sampler_counters = [s.get("counters", {}) for s in snapshots.get("sampler", {}).values()]
-    fetches = sum(c.get("policy_fetches", 0) for c in sampler_counters)
+    fetches = max(sum(c.get("policy_fetches", 0) for c in sampler_counters), 1)
     gate = summary["gate"]
+
+    def largest(key: str) -> float:
+        return max((r[key] / done for r in per_rank.values()), default=0.0)
+
     return {
         "trainers": trainers, "samplers": samplers, "rounds": rounds,
-        "pairs_per_round": summary["accounting"]["trained"] / max(rounds, 1),
+        "transitions_per_round": summary["accounting"]["transitions_trained"] / max(rounds, 1),
         "bytes_received_per_rank_per_round": {a: r["bytes_in"] / done for a, r in sorted(per_rank.items())},
-        "bytes_received_per_rank_per_round_max": max((r["bytes_in"] / done for r in per_rank.values()), default=0.0),
-        "pairs_held_per_rank_per_round_max": max((r["pairs_held"] / done for r in per_rank.values()), default=0.0),
+        "bytes_received_per_rank_per_round_max": largest("bytes_in"),
+        "transitions_held_per_rank_per_round_max": largest("transitions_held"),
         "store_bytes_per_version": gate.get("bytes_in", 0) / max(gate.get("published", 0), 1),
-        "policy_bytes_per_fetch": sum(c.get("policy_bytes_in", 0) for c in sampler_counters) / max(fetches, 1),
-        "publish_to_usable_s": sum(c.get("publish_to_usable_s", 0.0) for c in sampler_counters) / max(fetches, 1),
-        "rank0_serial_s_per_round": (rank0.get("publish_seconds", 0.0) + rank0.get("report_seconds", 0.0)
-                                     + rank0.get("checkpoint_seconds", 0.0)) / done,
+        "policy_bytes_per_fetch": sum(c.get("policy_bytes_in", 0) for c in sampler_counters) / fetches,
+        "policy_fetch_s": sum(c.get("policy_fetch_seconds", 0.0) for c in sampler_counters) / fetches,
+        "publish_to_usable_s": sum(c.get("publish_to_usable_s", 0.0) for c in sampler_counters) / fetches,
+        "rank0_serial_s_per_round": sum(rank0.get(f"{stage}_seconds", 0.0) for stage in SERIAL_STAGES) / done,
+        "rank0_serial_cpu_s_per_round": sum(rank0.get(f"{stage}_cpu_seconds", 0.0) for stage in SERIAL_STAGES) / done,
         "checkpoint_s": rank0.get("checkpoint_seconds", 0.0) / done,
+        "checkpoint_cpu_s_max": largest("checkpoint_cpu_seconds"),
+        "route_cpu_s_max": largest("route_cpu_seconds"),
         "peak_rss_mib_per_rank_max": max((r["peak_rss_mib"] for r in per_rank.values()), default=0.0),
         "wall_s": summary.get("seconds"),
     }
 
 
-# The cluster issue's three cases: SD1.5 LoRA r4 on 8 GPUs, SDXL LoRA r64 on 32 (4 nodes), SDXL full
-# fine-tuning (ZeRO-3) on 64 (8 nodes). Per case: trainable parameters, bytes published per version
-# (LoRA as fp32, full fine-tuning as bf16), bytes of one kept pair in the stream (x_t and the winner's
-# and loser's latents in fp32 + the text conditioning in bf16), kept pairs per round (the paper's round:
-# prompts x branching segments x a kept fraction of ~0.5), and the trainer ranks the paper's global
-# micro-batch can use (SD1.5: 40 rows, SDXL: 8 rows; more ranks would idle, see docs/ray-engine.md).
-SDXL_PAIR = 9 * 4 * 128 * 128 * 4 + (77 * 2048 + 1280 + 6) * 2  # 1 + 2 x 4 latents, conditioning
-CASES = {
-    "A: SD1.5 LoRA r4, 8 GPUs": dict(params=0.8e6, publish_bytes=0.8e6 * 4, pair_bytes=3 * 4 * 64 * 64 * 4 + 77 * 768 * 2,
-                                      pairs_per_round=40 * 16 * 0.5, ranks=4),
-    "B: SDXL LoRA r64, 32 GPUs": dict(params=93e6, publish_bytes=93e6 * 4, pair_bytes=SDXL_PAIR,
-                                       pairs_per_round=8 * 4 * 0.5, ranks=8),
-    "C: SDXL full FT, 64 GPUs": dict(params=2.6e9, publish_bytes=2.6e9 * 2, pair_bytes=SDXL_PAIR,
-                                      pairs_per_round=8 * 4 * 0.5, ranks=8),
-}
+@dataclass(frozen=True)
+class ClusterCase:
+    """One of the cluster issue's cases, at the paper's round (see docs/ray-engine.md)."""
+
+    name: str
+    params: float  # trainable parameters
+    publish_bytes: float  # one policy version: LoRA in fp32, full fine-tuning in bf16 (the samplers' dtype)
+    latent_bytes: int  # one latent in fp32 (the precision the log-prob takes)
+    cond_bytes: int  # the text conditioning of one prompt, bf16
+    pairs_per_round: int  # prompts x branching segments x a kept fraction of ~0.5
+    segment: int  # transitions per pair
+    batch_size: int  # the paper's global micro-batch, in transition rows
+    ranks: int  # the trainer ranks that micro-batch can use
+
+    @property
+    def pair_bytes(self) -> int:  # x_t + winner's and loser's segment + the conditioning
+        return (1 + 2 * self.segment) * self.latent_bytes + self.cond_bytes
+
+    def transition_bytes(self, shared: bool) -> int:  # win in/out, lose in/out + the conditioning, packed
+        return (3 if shared else 4) * self.latent_bytes + self.cond_bytes
+
+
+SD15_LATENT, SDXL_LATENT = 4 * 64 * 64 * 4, 4 * 128 * 128 * 4
+SD15_COND, SDXL_COND = 77 * 768 * 2, (77 * 2048 + 1280 + 6) * 2
+CASES = (
+    ClusterCase("A: SD1.5 LoRA r4, 8 GPUs", 0.8e6, 0.8e6 * 4, SD15_LATENT, SD15_COND, 40 * 16 // 2, 1, 40, 4),
+    ClusterCase("B: SDXL LoRA r64, 32 GPUs", 93e6, 93e6 * 4, SDXL_LATENT, SDXL_COND, 8 * 4 // 2, 4, 8, 8),
+    ClusterCase("C: SDXL full FT, 64 GPUs", 2.6e9, 2.6e9 * 2, SDXL_LATENT, SDXL_COND, 8 * 4 // 2, 4, 8, 8),
+)
 FORMULAS = [
-    "bytes received per rank per round = pairs per round x pair bytes x (measured fraction of the round a rank holds)",
+    "transition rows per rank = the largest share routing.transition_shares gives a rank over 10 rounds of the case's "
+    "size (a pure function of ids: the plan the trainers run)",
+    "bytes received per rank per round <= those rows x (4 latents + conditioning; 3 latents for a segment's first "
+    "transition, whose two inputs are the same x_t)",
+    "(whole pairs routed) = the most pairs any rank needs a transition of x pair bytes (1 + 2 x segment latents + conditioning)",
+    "(gathered) = every rank receives the whole round: pairs per round x pair bytes",
     "bytes through the PolicyStore per version = measured (references only, independent of the model)",
     "publish-to-usable = D2H copy (publish bytes / 25 GB/s) + one fetch per sampler node (publish bytes / 12.5 GB/s)",
     "checkpoint bytes per rank = 12 B x parameters / ranks (fp32 master + two Adam moments, each rank its share)",
 ]
 
 
+def case_shares(case: ClusterCase, rounds: int = 10) -> tuple[int, int, int]:
+    """(transition rows, bytes of them as routed, pairs touched) of the busiest rank over
+    ``rounds`` rounds of ``case``: the plan the trainers run (routing.transition_shares)."""
+    import torch
+
+    from spo_ray.ray.routing import transition_shares
+
+    total = case.pairs_per_round * case.segment
+    pair_of, first = torch.arange(total) // case.segment, torch.arange(total) % case.segment == 0
+    busiest = (0, 0, 0)
+    for r in range(rounds):
+        for share in transition_shares(total, world=case.ranks, batch_size=case.batch_size, seed=0, epoch=0, round_index=r):
+            shared = int(first[share].sum())
+            nbytes = shared * case.transition_bytes(True) + (share.numel() - shared) * case.transition_bytes(False)
+            busiest = max(busiest, (share.numel(), nbytes, len(set(pair_of[share].tolist()))), key=lambda b: b[1])
+    return busiest
+
+
 def extrapolate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The cases' costs from the measured per-unit figures (the largest measured world's held fraction)."""
-    largest = max(rows, key=lambda r: r["trainers"])
-    held_fraction = largest["pairs_held_per_rank_per_round_max"] / max(largest["pairs_per_round"], 1e-9)
+    """The cases' costs: the routing plan at each case's size, the measured store bytes."""
     store = max(r["store_bytes_per_version"] for r in rows)
     out = []
-    for name, c in CASES.items():
-        share = min(1.0, max(held_fraction * largest["trainers"] / c["ranks"], 1.0 / c["ranks"]))
+    for case in CASES:
+        transitions, nbytes, pairs = case_shares(case)
         out.append({
-            "case": name,
-            "bytes_received_per_rank_per_round": c["pairs_per_round"] * c["pair_bytes"] * share,
-            "gathered_instead": c["pairs_per_round"] * c["pair_bytes"],
+            "case": case.name, "transitions_per_round": case.pairs_per_round * case.segment,
+            "transitions_per_rank": transitions,
+            "bytes_received_per_rank_per_round": nbytes,
+            "whole_pairs_instead": pairs * case.pair_bytes,
+            "gathered_instead": case.pairs_per_round * case.pair_bytes,
             "store_bytes_per_version": store,
-            "publish_to_usable_s": c["publish_bytes"] / 25e9 + c["publish_bytes"] / 12.5e9,
-            "checkpoint_bytes_per_rank": 12 * c["params"] / c["ranks"],
+            "publish_to_usable_s": case.publish_bytes / 25e9 + case.publish_bytes / 12.5e9,
+            "checkpoint_bytes_per_rank": 12 * case.params / case.ranks,
         })
     return out
 
@@ -131,24 +183,37 @@ def render_scale(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> str
 
     lines = [
         "## Scale simulation (tiny model, logical resources on one machine)", "",
-        "| trainer ranks / samplers | pairs per round | MiB received per rank per round (max) | pairs held per rank (max) "
-        "| bytes through the store per version | policy MiB per fetch | publish-to-usable s | rank 0 serial s per round "
-        "| checkpoint s | peak RSS MiB per rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Bytes and memory, per round:", "",
+        "| trainer ranks / samplers | transitions per round | MiB received per rank (max) | transitions held per rank (max) "
+        "| bytes through the store per version | policy MiB per fetch | peak RSS MiB per rank |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['trainers']} / {r['samplers']} | {r['pairs_per_round']:.1f} | {mib(r['bytes_received_per_rank_per_round_max'])} "
-            f"| {r['pairs_held_per_rank_per_round_max']:.1f} | {r['store_bytes_per_version']:.0f} | {mib(r['policy_bytes_per_fetch'])} "
-            f"| {r['publish_to_usable_s']:.3f} | {r['rank0_serial_s_per_round']:.3f} | {r['checkpoint_s']:.3f} "
-            f"| {r['peak_rss_mib_per_rank_max']:.0f} |")
+            f"| {r['trainers']} / {r['samplers']} | {r['transitions_per_round']:.1f} | {mib(r['bytes_received_per_rank_per_round_max'])} "
+            f"| {r['transitions_held_per_rank_per_round_max']:.1f} | {r['store_bytes_per_version']:.0f} "
+            f"| {mib(r['policy_bytes_per_fetch'])} | {r['peak_rss_mib_per_rank_max']:.0f} |")
+    lines += [
+        "", "Seconds, per round (wall clock, and the main thread's CPU time: the work without waits or core sharing):", "",
+        "| trainer ranks / samplers | rank 0 serial s | rank 0 serial CPU s | checkpoint s (rank 0) | checkpoint CPU s (max rank) "
+        "| routing CPU s (max rank) | policy fetch s | publish to a sampler holding it s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['trainers']} / {r['samplers']} | {r['rank0_serial_s_per_round']:.3f} | {r['rank0_serial_cpu_s_per_round']:.3f} "
+            f"| {r['checkpoint_s']:.3f} | {r['checkpoint_cpu_s_max']:.3f} | {r['route_cpu_s_max']:.3f} "
+            f"| {r['policy_fetch_s']:.3f} | {r['publish_to_usable_s']:.3f} |")
     lines += ["", "## Extrapolated to the cluster cases", "",
-              "| case | received per rank per round | (gathered: every rank the whole round) | bytes through the store per version "
-              "| publish-to-usable | checkpoint per rank |", "|---|---|---|---|---|---|"]
+              "| case | transitions per round | transitions per rank (max) | received per rank per round "
+              "| (whole pairs routed) | (gathered) | bytes through the store per version | publish-to-usable "
+              "| checkpoint per rank |", "|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         lines.append(
-            f"| {c['case']} | {c['bytes_received_per_rank_per_round'] / 1e6:.1f} MB | {c['gathered_instead'] / 1e6:.1f} MB "
-            f"| {c['store_bytes_per_version']:.0f} B | {c['publish_to_usable_s']:.3f} s | {c['checkpoint_bytes_per_rank'] / 1e9:.3f} GB |")
+            f"| {c['case']} | {c['transitions_per_round']} | {c['transitions_per_rank']} "
+            f"| {c['bytes_received_per_rank_per_round'] / 1e6:.1f} MB | {c['whole_pairs_instead'] / 1e6:.1f} MB "
+            f"| {c['gathered_instead'] / 1e6:.1f} MB | {c['store_bytes_per_version']:.0f} B | {c['publish_to_usable_s']:.3f} s "
+            f"| {c['checkpoint_bytes_per_rank'] / 1e9:.3f} GB |")
     lines += ["", "Formulas:"] + [f"- {f}" for f in FORMULAS]
     return "\n".join(lines) + "\n"
 

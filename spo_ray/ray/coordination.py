@@ -169,7 +169,7 @@ class RoundLedger:
         return self.stop_reason
 
     def post_pairs(self, round_index: int, src: int, outgoing: dict[int, list[ray.ObjectRef]]) -> None:
-        """A trainer rank's pairs for the others (references, one per destination: pair routing)."""
+        """A trainer rank's pairs for the others (references, one per destination: transition routing)."""
         for dest, refs in outgoing.items():
             self.pair_refs.setdefault((round_index, dest), []).append(refs)
 

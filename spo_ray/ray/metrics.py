@@ -40,11 +40,13 @@ ROUND_GAUGES = {  # round-record key -> gauge (no role tag)
 # The meters' counters (spo_ray.telemetry.RoleMeter keys the roles record), exported as counters.
 METER_COUNTERS = (
     "busy_seconds",
-    "prompts", "unet_forwards", "policy_fetches", "policy_bytes_in", "publish_to_usable_s",  # sampler
+    "prompts", "unet_forwards", "policy_fetches", "policy_bytes_in", "policy_fetch_seconds",  # sampler
+    "publish_to_usable_s",
     "images_scored", "scoring_events", "kept",  # scorer
     "bytes_out", "min_bytes_out",  # sampler and scorer: the bytes they hand on and that hop's minimum
-    "bytes_in", "pairs_held", "rounds", "train_seconds", "wait_seconds", "publish_seconds",  # trainer
-    "report_seconds", "checkpoint_seconds",
+    "bytes_in", "transitions_held", "rounds", "train_seconds", "wait_seconds", "publish_seconds",  # trainer
+    "report_seconds", "checkpoint_seconds", "route_seconds",
+    "publish_cpu_seconds", "report_cpu_seconds", "checkpoint_cpu_seconds", "route_cpu_seconds",
 )
 HISTOGRAMS = ("spo_round_seconds", "spo_gate_wait_seconds")
 SECONDS_BUCKETS = [0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800]

@@ -113,9 +113,10 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
             checkpoint(ctx, progress)
             break
         t = ctx.cfg.train
-        pairs = route_round(ctx.pump.pop(rnd.index), rank=ctx.rank, world=ctx.world, batch_size=t.train_batch_size,
-                            seed=t.seed, epoch=rnd.epoch, round_index=rnd.index, exchange=ctx.ledger)
-        ctx.meter.add(bytes_in=pairs.bytes_received, pairs_held=pairs.pairs_held)
+        with timed(ctx, "route"):
+            pairs = route_round(ctx.pump.pop(rnd.index), rank=ctx.rank, world=ctx.world, batch_size=t.train_batch_size,
+                                seed=t.seed, epoch=rnd.epoch, round_index=rnd.index, exchange=ctx.ledger)
+        ctx.meter.add(bytes_in=pairs.bytes_received, transitions_held=pairs.transitions_held)
         lag = policy_lag(ctx, progress, pairs, rnd)
         trained = time.time()
         try:
@@ -124,7 +125,7 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
             time.sleep(ctx.cfg.train.test_delay_s * len(steps))  # tests slow the trainer to exercise the gate
             train_seconds = time.time() - trained
             progress.policy_version += 1
-            with timed(ctx, "publish_seconds"):
+            with timed(ctx, "publish"):
                 publish(ctx, progress)
         except NonFiniteError as err:
             # Raised on every rank at the same point (the counts and the weight check are all-reduced).
@@ -134,11 +135,11 @@ def run_rounds(ctx: TrainerContext, progress: RunProgress) -> None:
         account(progress, rnd, scored, pairs, steps)
         progress.position = rnd.index + 1
         if ctx.rank == 0:
-            with timed(ctx, "report_seconds"):
+            with timed(ctx, "report"):
                 report(ctx, progress, rnd, lag, pairs, steps, seconds=time.time() - started,
                        wait_seconds=trained - started, train_seconds=train_seconds)
         if ctx.cfg.run.checkpoint_every_rounds and progress.position % ctx.cfg.run.checkpoint_every_rounds == 0:
-            with timed(ctx, "checkpoint_seconds"):
+            with timed(ctx, "checkpoint"):
                 checkpoint(ctx, progress)
         ctx.meter.add(rounds=1, train_seconds=train_seconds, wait_seconds=trained - started)
         report_meter(ctx.sink, ctx.meter)  # fire and forget: running totals
@@ -353,14 +354,18 @@ def finish(ctx: TrainerContext, progress: RunProgress) -> None:
 
 
 @contextlib.contextmanager
-def timed(ctx: TrainerContext, counter: str):
-    """Seconds this rank spends in a stage outside training, as a telemetry counter (rank 0's are
-    the serial time every other rank waits for at the next collective)."""
-    started = time.time()
+def timed(ctx: TrainerContext, stage: str):
+    """Seconds this rank spends in a stage outside training, as telemetry counters (rank 0's are
+    the serial time every other rank waits for at the next collective): ``<stage>_seconds`` wall
+    clock, and ``<stage>_cpu_seconds`` this thread's CPU time, i.e. the stage's own work without its
+    waits (collectives, actor replies) and without other processes' share of the cores; on a
+    machine with fewer cores than processes only the latter measures the design."""
+    started, cpu_started = time.time(), time.thread_time()
     try:
         yield
     finally:
-        ctx.meter.add(**{counter: time.time() - started})
+        ctx.meter.add(**{f"{stage}_seconds": time.time() - started,
+                         f"{stage}_cpu_seconds": time.thread_time() - cpu_started})
 
 
 def actor_busy_fractions(ctx: TrainerContext) -> dict[str, float]:

@@ -60,11 +60,15 @@ class SamplerWorker:
             version, refs, published_at = ray.get(self.store.wait_newest.remote(min_version, self.version))
             if refs is None:
                 break
+            fetch_started = time.time()
             try:
                 nbytes = fetch_policy(self.model.unet, refs, source=f"policy version {version}")
             except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
                 continue  # the trainer restarted: the store is reset and rank 0 republishes
-            self.meter.add(policy_fetches=1, policy_bytes_in=nbytes, publish_to_usable_s=time.time() - published_at)
+            # publish_to_usable_s counts from the version's registration, so it includes this
+            # sampler finishing the task it was on; policy_fetch_seconds is the transfer and load alone.
+            self.meter.add(policy_fetches=1, policy_bytes_in=nbytes, policy_fetch_seconds=time.time() - fetch_started,
+                           publish_to_usable_s=time.time() - published_at)
             break
         self.version = version
 

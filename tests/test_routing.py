@@ -1,0 +1,118 @@
+"""Transition routing (spo_ray/ray/routing.py): every rank holds exactly the transition rows its
+micro-batches use, and the bytes a rank receives fall as ranks grow, also when a pair's
+segment has several transitions (SDXL's inner steps), which routing whole pairs did not do."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+
+from spo_ray.bench.scale import CASES, case_shares
+from spo_ray.learner import local_rows, plan_microbatches
+from spo_ray.ray.routing import transition_shares
+
+from .conftest import GCS_PORT
+
+
+@pytest.mark.parametrize(("total", "batch_size"), [(1, 4), (7, 2), (64, 8), (100, 16)])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_transition_shares_are_the_micro_batch_plan(total, batch_size, world) -> None:
+    shares = transition_shares(total, world=world, batch_size=batch_size, seed=3, epoch=1, round_index=5)
+    plan = plan_microbatches(total, batch_size, seed=3, epoch=1, round_index=5)
+    trained = [torch.cat([local_rows(m, r, world) for m in plan]) for r in range(world)]
+    for share, rows in zip(shares, trained, strict=True):
+        # a rank's share is its rows of every micro-batch; without any, transition 0 (zero-weight forward)
+        assert share.tolist() == (rows.tolist() or [0])
+    assert sorted(torch.cat(trained).tolist()) == list(range(total))  # each transition on one rank, once
+
+
+def test_bytes_per_rank_fall_as_ranks_grow_with_multi_transition_segments() -> None:
+    sdxl = next(c for c in CASES if c.name.startswith("B"))  # 16 pairs of 4 transitions, micro-batches of 8
+    busiest = {w: case_shares(dataclasses.replace(sdxl, ranks=w)) for w in (1, 2, 4, 8)}
+    rows = {w: b[0] for w, b in busiest.items()}
+    assert rows == {1: 64, 2: 32, 4: 16, 8: 8}  # O(round / ranks)
+    received = [busiest[w][1] for w in (1, 2, 4, 8)]
+    assert received == sorted(received, reverse=True) and received[-1] < received[0] / 6
+    # Whole pairs would not have fallen so: at 8 ranks the busiest rank touches half the pairs.
+    pairs = {w: b[2] for w, b in busiest.items()}
+    assert pairs[2] >= 12 and pairs[8] >= 6  # (of the busiest rank by bytes)
+    assert busiest[8][1] < pairs[8] * sdxl.pair_bytes / 1.8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _round(seed: int) -> dict:
+    """A synthetic round of pair records: 9 pairs of 1-4 transitions, random latents."""
+    g = torch.Generator().manual_seed(seed)
+    n, m = 9, 4
+    return {
+        "pair_id": torch.randperm(1000, generator=g)[:n], "prompt_id": torch.arange(n),
+        "policy_version": torch.randint(3, 5, (n,), generator=g), "seg_len": torch.randint(1, m + 1, (n,), generator=g),
+        "timesteps": torch.randint(0, 1000, (n, m), generator=g), "x_t": torch.randn(n, 4, 8, 8, generator=g),
+        "win": torch.randn(n, m, 4, 8, 8, generator=g), "lose": torch.randn(n, m, 4, 8, 8, generator=g),
+        "score_win": torch.randn(n, generator=g), "score_lose": torch.randn(n, generator=g),
+        "cond_prompt_embeds": torch.randn(n, 7, 16, generator=g).to(torch.bfloat16),
+    }
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    import ray
+    import torch.distributed as dist
+
+    from spo_ray.ray.coordination import RoundLedger
+    from spo_ray.ray.routing import route_round
+    from spo_ray.training import round_transitions, take_rows
+
+    torch.set_num_threads(1)
+    ray.init(address=f"127.0.0.1:{GCS_PORT}", namespace=f"routing-{port}", log_to_driver=False)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if rank == 0:  # the owner keeps its handle (the actor lives as long as it does)
+        ledger = RoundLedger.options(name="ledger").remote({})
+        ray.get(ledger.stop_requested.remote())  # registered and running
+    dist.barrier()
+    ledger = ray.get_actor("ledger") if rank else ledger
+    results = {}
+    for round_index, batch_size in enumerate((4, 2, 16)):
+        whole = _round(round_index)
+        # uneven holdings as streaming_split leaves them: rank 0 none, the last rank most
+        holder = torch.tensor([min(1 + i % world, world - 1) if world > 1 else 0 for i in range(9)])
+        mine = take_rows(whole, torch.nonzero(holder == rank).flatten())
+        routed = route_round([mine] if len(mine["pair_id"]) else [], rank=rank, world=world, batch_size=batch_size,
+                             seed=7, epoch=0, round_index=round_index, exchange=ledger)
+        share = transition_shares(routed.transitions, world=world, batch_size=batch_size, seed=7, epoch=0,
+                                  round_index=round_index)[rank]
+        want = take_rows(round_transitions(whole), share)
+        got = routed.rows.take(share)
+        results[round_index] = {
+            "equal": sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want),
+            "held": routed.transitions_held, "share": share.numel(), "bytes": routed.bytes_received,
+            "pair_ids": routed.pair_ids, "min_version": routed.min_policy_version,
+            "want_pair_ids": sorted(whole["pair_id"].tolist()), "want_min": int(whole["policy_version"].min()),
+        }
+    dist.barrier()
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+    ray.shutdown()
+
+
+def test_route_round_hands_each_rank_exactly_its_transitions(ray_cluster, tmp_path) -> None:
+    """Real gloo ranks and the real RoundLedger on the test cluster: each rank's rows equal the
+    gathered round's rows at its share, bit for bit (bf16 conditioning included), with pairs of
+    1-4 transitions held unevenly (one rank holds none) and a micro-batch smaller than the world."""
+    out, world = str(tmp_path / "routed"), 3
+    torch.multiprocessing.spawn(_rank, args=(world, _free_port(), out), nprocs=world, join=True)
+    results = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]  # written by this test's ranks
+    for rank, by_round in enumerate(results):
+        for round_index, r in by_round.items():
+            assert r["equal"], (rank, round_index)
+            assert r["held"] == r["share"]  # exactly its share, nothing more
+            assert r["pair_ids"] == r["want_pair_ids"] and r["min_version"] == r["want_min"]
+    # rank 0 held no pairs: everything it trains on came from the others
+    assert all(r["bytes"] > 0 for r in results[0].values())
