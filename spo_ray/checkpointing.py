@@ -50,6 +50,7 @@ PREFIX = "round-"
 FORMAT = 2
 STATE = "state.json"
 MANIFEST = "manifest.json"
+HASHES_PREFIX = ".hashes-"  # each rank's hashes of the shards it wrote, merged into the manifest by rank 0
 
 
 class CheckpointError(ValueError):
@@ -88,15 +89,21 @@ class RunProgress:
             raise CheckpointError(f"checkpoint {source}: state.json is incomplete or has unknown fields ({err})") from err
 
 
-def manifest_of(directory: Path) -> dict[str, Any]:
-    """Bytes and sha256 of every file of a checkpoint (what MLflow records instead of the files)."""
-    files = {}
-    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+def file_entry(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: its bytes and sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def manifest_of(directory: Path, known: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Bytes and sha256 of every file of a checkpoint (what MLflow records instead of the files);
+    ``known``: entries the ranks that wrote those files computed already."""
+    known = known or {}
+    files = {path.name: known.get(path.name) or file_entry(path)
+             for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)}
     return {"format": FORMAT, "files": files}
 
 
@@ -159,6 +166,12 @@ def save_checkpoint(
                   str(tmp / shard_file("optimizer", rank, world)))
         if extra is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / shard_file("extra", rank, world)))
+        # Each rank hashes what it wrote (read back from the page cache), in parallel: rank 0 alone
+        # would hash the whole checkpoint while every rank waits (SDXL full fine-tuning: 31 GB,
+        # ~35 s at the 0.83 GiB/s measured on one core here; each of 8 ranks: 3.9 GB, ~4.5 s).
+        kinds = ("weights", "optimizer", *(("extra",) if extra is not None else ()))
+        hashes = {shard_file(k, rank, world): file_entry(tmp / shard_file(k, rank, world)) for k in kinds}
+        (tmp / f"{HASHES_PREFIX}{rank:05d}.json").write_text(json.dumps(hashes))
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -168,13 +181,17 @@ def save_checkpoint(
     barrier()
     if rank != 0:
         return None
+    known: dict[str, dict[str, Any]] = {}
+    for sidecar in sorted(tmp.glob(f"{HASHES_PREFIX}*.json")):
+        known.update(json.loads(sidecar.read_text()))
+        sidecar.unlink()
     if export is not None:
         merged: dict[str, torch.Tensor] = {}
         for file in sorted(tmp.glob("weights-*.safetensors")):
             merged.update(load_file(str(file)))
         export(merged, tmp)
     (tmp / STATE).write_text(json.dumps(progress.to_dict(), indent=2, sort_keys=True))
-    (tmp / MANIFEST).write_text(json.dumps(manifest_of(tmp), indent=2, sort_keys=True))
+    (tmp / MANIFEST).write_text(json.dumps(manifest_of(tmp, known), indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -23,6 +23,7 @@ with fixed-shape tensor columns, whose schema carries ``SCHEMA_VERSION``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -171,11 +172,16 @@ def pack_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, np.nd
 
 
 def unpack_tensors(packed: dict[str, tuple[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_tensors` (copies: Ray hands out read-only buffers)."""
+    """Inverse of :func:`pack_tensors`, without a copy: the tensors are views of the arrays (from
+    Ray, read-only views of the object store's shared memory), for copying into parameters, never
+    for writing. A copy here would cost a whole policy version of transient memory per fetch: at
+    SDXL full fine-tuning 5.2 GB per sampler, 42 GB on a node of eight."""
     out = {}
-    for name, (dtype, array) in packed.items():
-        t = torch.from_numpy(np.array(array))
-        out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    with warnings.catch_warnings():  # torch warns that the buffer is not writable: it is not written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (dtype, array) in packed.items():
+            t = torch.from_numpy(array)
+            out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
     return out
 
 

@@ -11,6 +11,7 @@ real engine, ZeRO partitioning and gloo collectives run in seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo_ray.checkpointing import RunProgress, latest_checkpoint, load_checkpoint, save_checkpoint
+from spo_ray.checkpointing import RunProgress, file_entry, latest_checkpoint, load_checkpoint, save_checkpoint
 from spo_ray.config import load_config
 from spo_ray.learner import (
     LOSS_STATS,
@@ -203,7 +204,12 @@ def _checkpoint_roundtrip(learner, run_dir: Path, rank: int, world: int) -> tupl
                     barrier=barrier)
     barrier()  # rank 0 has completed it
     _, weights, moments = load_checkpoint(latest_checkpoint(run_dir))
-    assert len(list(latest_checkpoint(run_dir).glob("weights-*"))) == world
+    folder = latest_checkpoint(run_dir)
+    assert len(list(folder.glob("weights-*"))) == world
+    # the manifest: every file, hashed by the rank that wrote it (no hash sidecar left behind)
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert manifest == {f.name: file_entry(f) for f in folder.iterdir() if f.name != "manifest.json"}
+    assert len(manifest) == 2 * world + 1  # weights and optimizer shards, state.json
     return weights, moments
 
 

@@ -116,3 +116,20 @@ def test_route_round_hands_each_rank_exactly_its_transitions(ray_cluster, tmp_pa
             assert r["pair_ids"] == r["want_pair_ids"] and r["min_version"] == r["want_min"]
     # rank 0 held no pairs: everything it trains on came from the others
     assert all(r["bytes"] > 0 for r in results[0].values())
+
+
+def test_policy_versions_unpack_without_a_copy() -> None:
+    """A published version (records.pack_tensors) unpacks as views of the received buffers, which
+    Ray hands out read-only: exact in every dtype, no second copy of the weights per fetch."""
+    import numpy as np
+
+    from spo_ray import records
+
+    weights = {"lora.down": torch.randn(4, 8), "unet.conv": torch.randn(3, 5).to(torch.bfloat16)}
+    packed = records.pack_tensors(weights)
+    received = {k: (d, np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)) for k, (d, a) in packed.items()}
+    assert not any(a.flags.writeable for _, a in received.values())  # as from the object store
+    got = records.unpack_tensors(received)
+    assert all(torch.equal(got[k], weights[k]) and got[k].dtype == weights[k].dtype for k in weights)
+    assert all(got[k].data_ptr() == received[k][1].ctypes.data for k in weights)
+    assert records.packed_bytes(packed) == 4 * 32 + 2 * 15

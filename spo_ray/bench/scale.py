@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,12 @@ def measure_scale(summary: dict[str, Any], rounds: int, trainers: int, samplers:
     def largest(key: str) -> float:
         return max((r[key] / done for r in per_rank.values()), default=0.0)
 
+    # What rank 0 does that the other ranks do not (its CPU time in the serial stages over the
+    # median of the others'): the stages' collectives and shard writes are every rank's work.
+    others = [r for actor, r in per_rank.items() if actor != "rank0"]
+    rank0_extra = (sum(rank0.get(f"{stage}_cpu_seconds", 0.0) - statistics.median(o[f"{stage}_cpu_seconds"] for o in others)
+                       for stage in SERIAL_STAGES) / done) if others else None
+
     return {
         "trainers": trainers, "samplers": samplers, "rounds": rounds,
         "transitions_per_round": summary["accounting"]["transitions_trained"] / max(rounds, 1),
@@ -90,6 +97,7 @@ def measure_scale(summary: dict[str, Any], rounds: int, trainers: int, samplers:
         "publish_to_usable_s": sum(c.get("publish_to_usable_s", 0.0) for c in sampler_counters) / fetches,
         "rank0_serial_s_per_round": sum(rank0.get(f"{stage}_seconds", 0.0) for stage in SERIAL_STAGES) / done,
         "rank0_serial_cpu_s_per_round": sum(rank0.get(f"{stage}_cpu_seconds", 0.0) for stage in SERIAL_STAGES) / done,
+        "rank0_extra_cpu_s_per_round": rank0_extra,
         "checkpoint_s": rank0.get("checkpoint_seconds", 0.0) / done,
         "checkpoint_cpu_s_max": largest("checkpoint_cpu_seconds"),
         "route_cpu_s_max": largest("route_cpu_seconds"),
@@ -195,13 +203,16 @@ def render_scale(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> str
             f"| {mib(r['policy_bytes_per_fetch'])} | {r['peak_rss_mib_per_rank_max']:.0f} |")
     lines += [
         "", "Seconds, per round (wall clock, and the main thread's CPU time: the work without waits or core sharing):", "",
-        "| trainer ranks / samplers | rank 0 serial s | rank 0 serial CPU s | checkpoint s (rank 0) | checkpoint CPU s (max rank) "
-        "| routing CPU s (max rank) | policy fetch s | publish to a sampler holding it s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| trainer ranks / samplers | rank 0 serial s | rank 0 serial CPU s | rank 0 CPU s beyond the other ranks' "
+        "| checkpoint s (rank 0) | checkpoint CPU s (max rank) | routing CPU s (max rank) | policy fetch s "
+        "| publish to a sampler holding it s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        extra = "-" if r["rank0_extra_cpu_s_per_round"] is None else f"{r['rank0_extra_cpu_s_per_round']:.3f}"
         lines.append(
             f"| {r['trainers']} / {r['samplers']} | {r['rank0_serial_s_per_round']:.3f} | {r['rank0_serial_cpu_s_per_round']:.3f} "
+            f"| {extra} "
             f"| {r['checkpoint_s']:.3f} | {r['checkpoint_cpu_s_max']:.3f} | {r['route_cpu_s_max']:.3f} "
             f"| {r['policy_fetch_s']:.3f} | {r['publish_to_usable_s']:.3f} |")
     lines += ["", "## Extrapolated to the cluster cases", "",
