@@ -474,3 +474,32 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
     assert run.info.status == "FINISHED"
     losses = client.get_metric_history(run.info.run_id, "loss")  # step 90 was logged before: not twice
     assert sorted(m.step for m in losses) == list(range(10, summary["optimizer_steps"] + 1, 10))
+
+
+@pytest.mark.slow
+def test_a_diverging_spm_job_stops_with_exit_status_3(ray_cluster, tmp_path, unit_latent_base):
+    """A learning rate that sends the weights to ~1e30 after the first step: every later gradient
+    is non-finite, DeepSpeed skips the updates, and after train.max_nonfinite_steps of them in a
+    row the job stops: exit status 3 (the job FAILED), no evaluation, no final weights, the
+    summary names the checkpoint that stands, the MLflow run FAILED."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    write_pickapic(data / "train.parquet", 64, seed=0)
+    proc = submit_job(
+        ray_cluster, "jobs/train_spm.py", "--preset", "spm-tiny", f"data.train={data / 'train.parquet'}",
+        f"model.pretrained={unit_latent_base}", f"run.output_dir={out}", "train.learning_rate=1e30",
+        "train.lr_warmup_steps=0", "train.max_nonfinite_steps=2", "run.checkpoint_every=1", timeout=400,
+    )
+    assert proc.returncode != 0 and "exit code 3" in proc.stdout + proc.stderr, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "non-finite gradient, update skipped" in proc.stdout, proc.stdout[-6000:]
+    assert "spo-ray: stopped:" in proc.stdout + proc.stderr and "max_nonfinite_steps=2" in proc.stdout, proc.stdout[-6000:]
+    run_dir = out / "spm-tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # step 1 applied (the weights blow up), steps 2 and 3 skipped: the stop at step 3, no checkpoint there
+    assert summary["skipped_steps_this_attempt"] == 2 and summary["optimizer_steps"] == 3, summary
+    assert summary["stopped_by"].endswith(f"the latest checkpoint stands: {run_dir / 'checkpoints' / 'round-0000002'}")
+    assert not (run_dir / "final").exists() and "accuracy_by_bucket" not in summary
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FAILED"

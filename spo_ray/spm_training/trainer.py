@@ -253,17 +253,17 @@ def spm_train_loop(config: dict[str, Any]) -> None:
         consumed.add(batch)
         if not boundary:
             continue
+        progress.step += 1  # optimizer steps count skipped ones too, as SPO's accounting does
         if not learner.step().applied:  # a non-finite gradient: DeepSpeed skipped the update (on every rank)
             skipped, in_a_row = skipped + 1, in_a_row + 1
-            log.warning("step %d: non-finite gradient, update skipped (%d so far)", progress.step + 1, skipped)
+            log.warning("step %d: non-finite gradient, update skipped (%d so far)", progress.step, skipped)
             try:
                 check_nonfinite_streak(in_a_row, t.max_nonfinite_steps)
-            except NonFiniteError as err:  # no checkpoint of diverged weights: the latest one stands
+            except NonFiniteError as err:  # no checkpoint at this step: the latest one stands
                 stopped_by = str(err)
                 break
         else:
             in_a_row = 0
-        progress.step += 1
         if progress.step % cfg.run.log_every == 0:
             rate = (rows - rows_at_start) * world / max(time.time() - started, 1e-9)
             _report_step(progress.step, all_reduce_sum(window, device), learner.lr(), rows * world, rate, metrics_path, tracker)
