@@ -1,4 +1,4 @@
-"""Weight sync, measured: one policy version from trainer rank 0 to N samplers, two ways.
+"""Weight sync, measured: one policy version from trainer rank 0 to N samplers, three ways.
 
 - object store (what the engine does, spo_ray/ray/trainer.py ``Publisher``): rank 0 packs the
   weights (records.pack_tensors), ``ray.put``s them once and hands out the reference; each sampler
@@ -6,16 +6,14 @@
   copies the views into its parameters (records.unpack_tensors, workers.fetch_policy);
 - a torch.distributed broadcast from rank 0 to the samplers over their own gloo group, tensor by
   tensor, as OpenRLHF and veRL sync vLLM weights (with NCCL, on GPUs); each sampler receives into
-  a buffer and copies it into its parameters.
-
-(Ray Direct Transport over gloo is not measured: Ray 2.60's minimal RDT gloo example, one actor
-returning ``torch.ones(1000)`` to another, timed out here after 30 s; and its gloo group
-initializes the process' default torch.distributed group, which in a trainer worker is Ray
-Train's own: docs/ray-engine.md.)
+  a buffer and copies it into its parameters;
+- Ray Direct Transport (RDT, alpha in Ray 2.60) over a gloo collective group: rank 0's actor
+  method returns the tensors with ``tensor_transport="gloo"`` and each sampler task that takes the
+  reference receives them from rank 0's process (one send per sampler); then the same copy.
 
 Printed per payload and sampler count: seconds from the publish call until every sampler holds
-the version (the median of ``--repeats``, after a warm-up). Payloads: 3.2 MB (SD1.5 LoRA r4, fp32) and
-372 MB (SDXL LoRA r64, fp32); ``--mib`` for others. On one machine, actors as processes:
+the version (the median of ``--repeats``, after a warm-up). Payloads: 3.2 MB (SD1.5 LoRA r4,
+fp32) and 372 MB (SDXL LoRA r64, fp32); ``--mib`` for others. On one machine, actors as processes:
 
     PYTHONPATH=$PWD python scripts/bench_weight_sync.py --mib 3.2 372 --samplers 1 2 4
 """
@@ -66,6 +64,10 @@ class Trainer:
         for tensor in self.weights.values():
             dist.broadcast(tensor, src=0)
 
+    @ray.method(tensor_transport="gloo")
+    def tensors(self) -> dict[str, torch.Tensor]:  # Ray Direct Transport: sent to each receiver by gloo
+        return self.weights
+
 
 @ray.remote(num_cpus=0)
 class Sampler:
@@ -79,6 +81,16 @@ class Sampler:
     def load_ref(self, refs: list[ray.ObjectRef]) -> float:
         self._copy(records.unpack_tensors(ray.get(refs[0])))
         return time.time()
+
+    def load_rdt(self, tensors: dict[str, torch.Tensor]) -> float:
+        self._copy(tensors)
+        return time.time()
+
+    # Ray 2.60 hangs an RDT transfer to an actor whose class has no RDT method (ray-project/ray#66264):
+    # this one is never called.
+    @ray.method(tensor_transport="gloo")
+    def rdt_receiver(self) -> torch.Tensor:
+        return torch.zeros(1)
 
     def receive_broadcast(self) -> float:
         import torch.distributed as dist
@@ -103,6 +115,9 @@ def one_sync(trainer, samplers, how: str) -> float:
     if how == "object store":
         refs = ray.get(trainer.put.remote())
         done = ray.get([s.load_ref.remote(refs) for s in samplers])
+    elif how == "RDT gloo":
+        ref = trainer.tensors.remote()
+        done = ray.get([s.load_rdt.remote(ref) for s in samplers])
     else:
         sent = trainer.broadcast.remote()
         done = ray.get([s.receive_broadcast.remote() for s in samplers])
@@ -110,17 +125,29 @@ def one_sync(trainer, samplers, how: str) -> float:
     return max(done) - started
 
 
+MODES = ("object store", "gloo broadcast", "RDT gloo")
+
+
 def measure(mib: float, n: int, repeats: int) -> dict[str, float]:
-    trainer, samplers = Trainer.remote(mib), [Sampler.remote(mib) for _ in range(n)]
-    port = _free_port()
-    ray.get([trainer.join.remote(f"127.0.0.1:{port}", n + 1),
-             *[s.join.remote(f"127.0.0.1:{port}", i + 1, n + 1) for i, s in enumerate(samplers)]])
+    """Each way with its own actors (each sets up its own torch.distributed group)."""
+    from ray.experimental.collective import create_collective_group, destroy_collective_group
+
     out = {}
-    for how in ("object store", "gloo broadcast"):
+    for how in MODES:
+        trainer, samplers = Trainer.remote(mib), [Sampler.remote(mib) for _ in range(n)]
+        group = None
+        if how == "gloo broadcast":
+            port = _free_port()
+            ray.get([trainer.join.remote(f"127.0.0.1:{port}", n + 1),
+                     *[s.join.remote(f"127.0.0.1:{port}", i + 1, n + 1) for i, s in enumerate(samplers)]])
+        elif how == "RDT gloo":
+            group = create_collective_group([trainer, *samplers], backend="torch_gloo")
         one_sync(trainer, samplers, how)  # warm-up: connections, first allocation
         out[how] = statistics.median(one_sync(trainer, samplers, how) for _ in range(repeats))
-    for actor in (trainer, *samplers):
-        ray.kill(actor)
+        if group is not None:
+            destroy_collective_group(group)
+        for actor in (trainer, *samplers):
+            ray.kill(actor)
     return out
 
 
@@ -141,13 +168,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ray.init(address="local", num_cpus=max(args.samplers) + 2, include_dashboard=False, log_to_driver=False,
              _temp_dir=f"/tmp/ray-weight-sync-{os.getpid()}")
-    log.info("| MiB | samplers | object store s | gloo broadcast s | broadcast / object store |")
-    log.info("|---|---|---|---|---|")
+    log.info("| MiB | samplers | object store s | gloo broadcast s | RDT gloo s | broadcast / store | RDT / store |")
+    log.info("|---|---|---|---|---|---|---|")
     for mib in args.mib:
         for n in args.samplers:
             t = measure(mib, n, args.repeats)
-            log.info("| %.1f | %d | %.3f | %.3f | %.2fx |", mib, n, t["object store"], t["gloo broadcast"],
-                     t["gloo broadcast"] / t["object store"])
+            store = t["object store"]
+            log.info("| %.1f | %d | %.3f | %.3f | %.3f | %.2fx | %.2fx |", mib, n, store, t["gloo broadcast"], t["RDT gloo"],
+                     t["gloo broadcast"] / store, t["RDT gloo"] / store)
     ray.shutdown()
 
 
