@@ -79,12 +79,10 @@ class Sampler:
         join_group(address, rank, world)
 
     def load_ref(self, refs: list[ray.ObjectRef]) -> float:
-        self._copy(records.unpack_tensors(ray.get(refs[0])))
-        return time.time()
+        return self._copy(records.unpack_tensors(ray.get(refs[0])))
 
     def load_rdt(self, tensors: dict[str, torch.Tensor]) -> float:
-        self._copy(tensors)
-        return time.time()
+        return self._copy(tensors)
 
     # Ray 2.60 hangs an RDT transfer to an actor whose class has no RDT method (ray-project/ray#66264):
     # this one is never called.
@@ -99,15 +97,17 @@ class Sampler:
         for name, param in self.weights.items():
             received[name] = torch.empty_like(param)
             dist.broadcast(received[name], src=0)
-        self._copy(received)
-        return time.time()
+        return self._copy(received)
 
-    def _copy(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _copy(self, tensors: dict[str, torch.Tensor]) -> float:
+        """Load the version; returns when it was held (before resetting for the next measurement)."""
         for name, param in self.weights.items():
             param.copy_(tensors[name])
+        held = time.time()
         assert float(self.weights["w1"][0]) == 1.0  # the version arrived
         for param in self.weights.values():
             param.zero_()  # the next measurement starts without it
+        return held
 
 
 def one_sync(trainer, samplers, how: str) -> float:

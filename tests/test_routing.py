@@ -27,6 +27,11 @@ def test_transition_shares_are_the_micro_batch_plan(total, batch_size, world) ->
         # a rank's share is its rows of every micro-batch; without any, transition 0 (zero-weight forward)
         assert share.tolist() == (rows.tolist() or [0])
     assert sorted(torch.cat(trained).tolist()) == list(range(total))  # each transition on one rank, once
+    # the shares themselves: ranks with rows partition the round; the others hold only transition 0
+    with_rows = [s for s, rows in zip(shares, trained, strict=True) if rows.numel()]
+    assert sorted(torch.cat(with_rows).tolist()) == list(range(total))
+    assert all(s.tolist() == [0] for s, rows in zip(shares, trained, strict=True) if not rows.numel())
+    assert max(map(len, with_rows)) - min(map(len, with_rows)) <= len(plan)  # balanced within a row per micro-batch
 
 
 def test_bytes_per_rank_fall_as_ranks_grow_with_multi_transition_segments() -> None:

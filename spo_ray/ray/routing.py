@@ -102,9 +102,10 @@ def route_round(local: list[dict[str, Any]], *, rank: int, world: int, batch_siz
 
     # This rank's transitions, and where each global transition sits among them (-1: elsewhere).
     expanded = expand_transitions(mine) if n_mine else {}
+    n_expanded = len(expanded["pair_id"]) if n_mine else 0
     row_of = torch.full((total,), -1, dtype=torch.long)
     if n_mine:
-        row_of[global_index(expanded)] = torch.arange(len(expanded["pair_id"]))
+        row_of[global_index(expanded)] = torch.arange(n_expanded)
     wanted_here = [row_of[share][row_of[share] >= 0] for share in shares]
     # Each rank sends every other rank the transitions it trains on, as one object per destination.
     outgoing = {dest: ray.put(_packed(take_rows(expanded, idx))) for dest, idx in enumerate(wanted_here)
@@ -118,7 +119,10 @@ def route_round(local: list[dict[str, Any]], *, rank: int, world: int, batch_siz
     fetched = ray.get(refs) if refs else []
     received = [_unpacked(rows) for rows in fetched]
     own = wanted_here[rank]
-    held = records.concat(([take_rows(expanded, own)] if own.numel() else []) + received)
+    # All of its own rows (one rank): the expanded round itself, not a copy of it.
+    own_rows = [] if not own.numel() else [expanded if own.numel() == n_expanded else take_rows(expanded, own)]
+    parts = own_rows + received
+    held = parts[0] if len(parts) == 1 else records.concat(parts)
     n_held = len(held["pair_id"])
 
     # Global transition index -> this rank's row.

@@ -244,11 +244,14 @@ def _contains(sorted_ids: np.ndarray, value: int) -> bool:
 READ_CHUNK_ROWS = 256  # rows a read task hands on at a time (Pick-a-Pic: ~1 MB of images a row)
 
 
+def _unfinished_epochs(epochs: int, consumed: dict[int, np.ndarray], num_examples: int) -> list[int]:
+    return [e for e in range(epochs) if len(consumed.get(e, ())) < num_examples]
+
+
 def epochs_to_read(epochs: int, consumed: dict[int, np.ndarray], num_examples: int) -> list[int]:
     """The training epochs a (resumed) stream reads: those not trained on in full. When every epoch
     was, the last one (:func:`read_plan` then reads one unit of it, every row dropped)."""
-    todo = [e for e in range(epochs) if len(consumed.get(e, ())) < num_examples]
-    return todo or [epochs - 1]
+    return _unfinished_epochs(epochs, consumed, num_examples) or [epochs - 1]
 
 
 def read_plan(units: list[tuple[str, int]], *, split: str, epochs: int, consumed: dict[int, np.ndarray],
@@ -259,10 +262,8 @@ def read_plan(units: list[tuple[str, int]], *, split: str, epochs: int, consumed
     renderer; the trainer goes straight to evaluation) without reading an epoch for nothing."""
     if split != "train":
         return unit_plan(units, [-1], seed=seed, shuffle=False)
-    todo = epochs_to_read(epochs, consumed, num_examples)
-    items = unit_plan(units, todo, seed=seed, shuffle=True)
-    finished = all(len(consumed.get(e, ())) >= num_examples for e in todo)
-    return items[:1] if finished else items
+    items = unit_plan(units, epochs_to_read(epochs, consumed, num_examples), seed=seed, shuffle=True)
+    return items if _unfinished_epochs(epochs, consumed, num_examples) else items[:1]
 
 
 def unit_plan(units: list[tuple[str, int]], epochs: list[int], *, seed: int, shuffle: bool) -> list[dict[str, Any]]:
