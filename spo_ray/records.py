@@ -11,7 +11,13 @@ Pair records (scorer -> trainer), one row per kept pair:
     pair_id, prompt_id, prompt, epoch, round, policy_version, seg_start, seg_len,
     timesteps [M], x_t [C, H, W], win [M, C, H, W], lose [M, C, H, W],
     score_win, score_lose, score_t, cond_*
-Conditioning travels once per row (per prompt / per pair), never per candidate.
+Prompt rows (scorer -> trainer, the Ray Data stream), one row per prompt with kept pairs: the
+pair columns as ragged [n, ...] arrays (n = the prompt's kept pairs), the per-prompt columns
+(``PROMPT_COLUMNS``: ids, text, policy version, the conditioning) once. ``group_by_prompt`` and
+``ungroup_prompts`` convert, exactly; a prompt's pairs stay in one row, so no block split by Ray
+Data can separate a pair from its conditioning.
+Conditioning travels once per prompt on every hop (per trajectory row; per prompt row; per prompt
+and destination between trainer ranks, ``share_conditioning``), never per pair or candidate.
 The latents that enter the log-prob (x_t, chains; x_t, win, lose) are float32 whatever the model
 dtype; x0_hat and cond_* are in the model's dtype, in torch batches and on the wire (numpy has no
 bfloat16: :func:`to_numpy` carries bf16 as its bits, exactly).
@@ -41,6 +47,9 @@ PAIR_COLUMNS = (
     "x_t", "win", "lose", "score_win", "score_lose", "score_t", "cond_prompt_embeds",
 )
 OPTIONAL_COLUMNS = ("cond_pooled_embeds", "cond_time_ids")
+COND_PREFIX = "cond_"
+# Pair columns that are the same for every pair of a prompt (one trajectory row): once per prompt row.
+PROMPT_COLUMNS = ("prompt_id", "prompt", "epoch", "round", "policy_version")
 
 
 def num_rows(batch: dict[str, Any]) -> int:
@@ -187,3 +196,77 @@ def unpack_tensors(packed: dict[str, tuple[str, np.ndarray]]) -> dict[str, torch
 
 def packed_bytes(packed: dict[str, tuple[str, np.ndarray]]) -> int:
     return sum(array.nbytes for _, array in packed.values())
+
+
+# ----------------------------------------------------------------------------- once per prompt
+
+
+def _is_prompt_column(key: str) -> bool:
+    return key.removesuffix(BF16_SUFFIX) in PROMPT_COLUMNS or key.startswith(COND_PREFIX)
+
+
+def _ragged(parts: list[np.ndarray]) -> np.ndarray:
+    """An object array of per-row arrays (Ray Data stores it as a fixed-shape tensor column
+    when every row has the same shape, a variable-shaped one otherwise)."""
+    out = np.empty(len(parts), dtype=object)
+    for i, part in enumerate(parts):
+        out[i] = part
+    return out
+
+
+def group_by_prompt(pairs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A torch pair batch -> a numpy batch of prompt rows: each prompt's pairs in one row, the
+    conditioning and the other ``PROMPT_COLUMNS`` once. Pairs of a prompt must be contiguous, as
+    the scorer emits them (one trajectory row after another); rows keep the pairs' order."""
+    arrays = to_numpy(pairs)
+    n = num_rows(pairs)
+    if n == 0:
+        return {key: value[:0] for key, value in arrays.items()}
+    key = np.stack([np.asarray(pairs["epoch"]), np.asarray(pairs["prompt_id"])], axis=1)
+    starts = np.flatnonzero(np.r_[True, (key[1:] != key[:-1]).any(axis=1)])
+    if len({tuple(k) for k in key[starts]}) != len(starts):
+        raise ValueError("group_by_prompt: the pairs of a prompt are not contiguous")
+    bounds = np.r_[starts, n]
+    out: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if _is_prompt_column(name):
+            out[name] = value[starts]
+        else:
+            out[name] = _ragged([value[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
+    return out
+
+
+def ungroup_prompts(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`group_by_prompt`: a numpy batch with one row per pair (the conditioning
+    repeated per pair in memory, as training takes it). Ragged columns arrive from Ray Data as
+    object arrays of row arrays, or as one dense array when every row had the same count."""
+    ragged = [k for k in batch if not _is_prompt_column(k)]
+    if not ragged or len(batch[ragged[0]]) == 0:
+        return {key: np.asarray(value)[:0] for key, value in batch.items()}
+    counts = np.array([len(row) for row in batch[ragged[0]]])
+    out: dict[str, np.ndarray] = {}
+    for key, value in batch.items():
+        if _is_prompt_column(key):
+            out[key] = np.repeat(np.asarray(value), counts, axis=0)
+        elif isinstance(value, np.ndarray) and value.dtype != object:
+            out[key] = value.reshape(-1, *value.shape[2:])  # dense: [prompts, n, ...] -> [pairs, ...]
+        else:
+            out[key] = np.concatenate(list(value), axis=0)
+    return out
+
+
+def share_conditioning(rows: dict[str, Any], prompt_keys: torch.Tensor) -> dict[str, Any]:
+    """Torch rows with each ``cond_*`` column once per distinct prompt key, and ``conditioning_row`` (the
+    row's index into them): for transport, where several rows of one prompt travel together."""
+    unique, inverse = torch.unique(prompt_keys, return_inverse=True)
+    first = torch.full((len(unique),), len(prompt_keys), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(prompt_keys)), reduce="amin")
+    out = {k: (v[first] if k.startswith(COND_PREFIX) else v) for k, v in rows.items()}
+    out["conditioning_row"] = inverse
+    return out
+
+
+def unshare_conditioning(rows: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`share_conditioning`."""
+    index = rows["conditioning_row"]
+    return {k: (v[index] if k.startswith(COND_PREFIX) else v) for k, v in rows.items() if k != "conditioning_row"}

@@ -25,6 +25,11 @@ def pair_id(epoch: int, prompt_id: int, seg_start: int) -> int:
     return (epoch * 10_000_000 + prompt_id) * 1_000 + seg_start
 
 
+def prompt_of_pair(pair_ids: torch.Tensor) -> torch.Tensor:
+    """The (epoch, prompt) key of each pair id (:func:`pair_id` without the segment)."""
+    return pair_ids // 1_000
+
+
 def timestep_bucket(t: int) -> str:
     """'t0' for finished images, else the 250-wide bucket of t, e.g. 't1-250', 't751-1000'."""
     if t <= 0:

@@ -99,8 +99,8 @@ def payload_bytes(batch: dict[str, Any]) -> int:
     total = 0
     for value in batch.values():
         arr = np.asarray(value)
-        if arr.dtype == object:
-            total += sum(len(str(v).encode()) for v in arr.ravel())
+        if arr.dtype == object:  # strings, or a ragged tensor column's row arrays
+            total += sum(v.nbytes if isinstance(v, np.ndarray) else len(str(v).encode()) for v in arr.ravel())
         else:
             total += arr.nbytes
     return total
@@ -131,12 +131,14 @@ def trajectory_min_bytes(rec: dict[str, Any], itemsize: int) -> int:
 
 def pair_min_bytes(pairs: dict[str, Any], itemsize: int) -> int:
     """Scorer -> trainer minimum: per kept pair x_t and the winner's and loser's seg_len states in
-    float32, and the conditioning at the model's ``itemsize``."""
-    if len(pairs.get("pair_id", ())) == 0:
+    float32, and the conditioning once per prompt at the model's ``itemsize``."""
+    n = len(pairs.get("pair_id", ()))
+    if n == 0:
         return 0
     chw = int(np.prod(_shape(pairs["x_t"])[1:]))
     seg_len = np.asarray(pairs["seg_len"]).astype(np.int64)
-    return int((1 + 2 * seg_len).sum()) * chw * LATENT_ITEMSIZE + _cond_elements(pairs) * itemsize
+    prompts = len({(int(e), int(p)) for e, p in zip(pairs["epoch"], pairs["prompt_id"], strict=True)})
+    return int((1 + 2 * seg_len).sum()) * chw * LATENT_ITEMSIZE + _cond_elements(pairs) // n * prompts * itemsize
 
 
 # ----------------------------------------------------------------------------- Ray side

@@ -21,9 +21,7 @@ from spo_ray.config import SamplingConfig, TrainConfig
 from spo_ray.diffusion import ddim_mean_std, gaussian_logprob
 from spo_ray.loss import spo_loss
 from spo_ray.models import Conditioning, DiffusionModel
-
-COND_PREFIX = "cond_"
-
+from spo_ray.records import COND_PREFIX
 
 # ----------------------------------------------------------------------------- policy setup
 

@@ -1,12 +1,17 @@
-"""Transition routing (spo_ray/ray/routing.py): every rank holds exactly the transition rows its
+"""The scorer -> trainer and trainer -> trainer hops.
+
+Transition routing (spo_ray/ray/routing.py): every rank holds exactly the transition rows its
 micro-batches use, and the bytes a rank receives fall as ranks grow, also when a pair's
-segment has several transitions (SDXL's inner steps), which routing whole pairs did not do."""
+segment has several transitions (SDXL's inner steps), which routing whole pairs did not do.
+On both hops the conditioning travels once per prompt: prompt rows in the Ray Data stream
+(``records.group_by_prompt``), shared among a destination's rows between ranks."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,18 +58,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _round(seed: int) -> dict:
-    """A synthetic round of pair records: 9 pairs of 1-4 transitions, random latents."""
+def _pairs(seed: int, pairs_per_prompt: list[int], epoch: int = 0) -> dict:
+    """Synthetic pair records as the scorer emits them: each prompt's pairs together (one per
+    segment it kept), sharing the prompt's conditioning (bf16) and policy version; segments of
+    1-4 transitions, random latents."""
+    from spo_ray.scoring import pair_id
+
     g = torch.Generator().manual_seed(seed)
-    n, m = 9, 4
+    m, prompts = 4, len(pairs_per_prompt)
+    counts = torch.tensor(pairs_per_prompt, dtype=torch.long)
+    prompt = torch.repeat_interleave(torch.arange(prompts) * 3 + seed, counts)  # sparse ids, as in a round
+    seg = torch.cat([torch.randperm(8, generator=g)[:c] for c in pairs_per_prompt]) if prompts else torch.zeros(0)
+    n = len(prompt)
+    cond = torch.randn(prompts, 7, 16, generator=g).to(torch.bfloat16)
     return {
-        "pair_id": torch.randperm(1000, generator=g)[:n], "prompt_id": torch.arange(n),
-        "policy_version": torch.randint(3, 5, (n,), generator=g), "seg_len": torch.randint(1, m + 1, (n,), generator=g),
+        "pair_id": torch.tensor([pair_id(epoch, int(p), int(s)) for p, s in zip(prompt, seg, strict=True)], dtype=torch.long),
+        "prompt_id": prompt, "prompt": [f"prompt {int(p)}" for p in prompt], "epoch": torch.full((n,), epoch),
+        "round": torch.full((n,), seed), "seg_start": seg.long(),
+        "policy_version": torch.repeat_interleave(torch.randint(3, 5, (prompts,), generator=g), counts),
+        "seg_len": torch.randint(1, m + 1, (n,), generator=g),
         "timesteps": torch.randint(0, 1000, (n, m), generator=g), "x_t": torch.randn(n, 4, 8, 8, generator=g),
         "win": torch.randn(n, m, 4, 8, 8, generator=g), "lose": torch.randn(n, m, 4, 8, 8, generator=g),
         "score_win": torch.randn(n, generator=g), "score_lose": torch.randn(n, generator=g),
-        "cond_prompt_embeds": torch.randn(n, 7, 16, generator=g).to(torch.bfloat16),
+        "cond_prompt_embeds": torch.repeat_interleave(cond, counts, dim=0),
     }
+
+
+def _round(seed: int) -> dict:
+    """A synthetic round: 9 pairs of 4 prompts (3, 1, 2 and 3 pairs)."""
+    return _pairs(seed, [3, 1, 2, 3])
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(
+        (torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype) if torch.is_tensor(a[k]) else list(a[k]) == list(b[k])
+        for k in a)
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
@@ -96,7 +124,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         want = take_rows(round_transitions(whole), share)
         got = routed.rows.take(share)
         results[round_index] = {
-            "equal": sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want),
+            "equal": _equal(want, got),
             "held": routed.transitions_held, "share": share.numel(), "bytes": routed.bytes_received,
             "pair_ids": routed.pair_ids, "min_version": routed.min_policy_version,
             "want_pair_ids": sorted(whole["pair_id"].tolist()), "want_min": int(whole["policy_version"].min()),
@@ -138,3 +166,83 @@ def test_policy_versions_unpack_without_a_copy() -> None:
     assert all(torch.equal(got[k], weights[k]) and got[k].dtype == weights[k].dtype for k in weights)
     assert all(got[k].data_ptr() == received[k][1].ctypes.data for k in weights)
     assert records.packed_bytes(packed) == 4 * 32 + 2 * 15
+
+
+def test_prompt_rows_round_trip_exactly_with_the_conditioning_once() -> None:
+    from spo_ray import records, telemetry
+
+    for counts in ([3, 1, 2], [2, 2, 2], [1], []):  # ragged, uniform (a dense block), one pair, none
+        pairs = _pairs(1, counts)
+        rows = records.group_by_prompt(pairs)
+        assert len(rows["prompt_id"]) == len(counts)
+        cond = "cond_prompt_embeds" + records.BF16_SUFFIX
+        assert rows[cond].shape == (len(counts), 7, 16)  # once per prompt, as its bf16 bits
+        back = records.to_torch(records.ungroup_prompts(rows))
+        assert _equal(back, pairs), counts
+        if counts:  # the stream's bytes: the pairs' latents and the conditioning once per prompt
+            once = 7 * 16 * 2 + 4 * 8 + len("prompt 1")  # conditioning, 4 int64 ids, the text: per prompt
+            assert telemetry.payload_bytes(rows) == telemetry.payload_bytes(records.to_numpy(pairs)) - (
+                sum(counts) - len(counts)) * once
+            assert telemetry.pair_min_bytes(pairs, 2) == (
+                int((1 + 2 * pairs["seg_len"]).sum()) * 4 * 8 * 8 * 4 + len(counts) * 7 * 16 * 2)
+    dense = records.group_by_prompt(_pairs(2, [2, 2]))  # Ray Data hands uniform rows as one array
+    dense = {k: (np.stack(list(v)) if v.dtype == object and k != "prompt" else v) for k, v in dense.items()}
+    assert _equal(records.to_torch(records.ungroup_prompts(dense)), _pairs(2, [2, 2]))
+    split = _pairs(3, [2, 1])
+    scattered = {k: (v[[0, 2, 1]] if torch.is_tensor(v) else [v[i] for i in (0, 2, 1)]) for k, v in split.items()}
+    with pytest.raises(ValueError, match="not contiguous"):
+        records.group_by_prompt(scattered)
+
+
+def test_transition_rows_travel_with_the_conditioning_once_per_prompt() -> None:
+    from spo_ray.ray.routing import _packed, _unpacked
+    from spo_ray.training import expand_transitions
+
+    rows = expand_transitions(_pairs(4, [3, 1, 2]))
+    shuffled = {k: v[torch.randperm(len(v), generator=torch.Generator().manual_seed(0))] for k, v in rows.items()}
+    packed = _packed(shuffled)
+    assert packed["cond_prompt_embeds"].shape[0] == 3  # three prompts among the rows
+    assert int((~shuffled["shared"]).sum()) == packed["lose_in"].shape[0]
+    assert _equal(_unpacked(packed), shuffled)
+
+
+def _score_task(batch: dict) -> dict:
+    """A stand-in scorer task: task t emits the kept pairs of its prompts, as prompt rows."""
+    from spo_ray import records
+
+    counts = {0: [1, 3, 2], 1: [2, 2], 2: [], 3: [4]}[int(batch["task"][0])]
+    return records.group_by_prompt(_pairs(int(batch["task"][0]), counts))
+
+
+def test_prompt_rows_through_ray_data_streaming_split(ray_cluster) -> None:
+    """The stream's real path on the test cluster: map_batches emits prompt rows (ragged blocks, a
+    uniform one stored as a fixed-shape tensor column, an empty one), streaming_split(2,
+    equal=False) hands them to two consumers, which ungroup them into exactly the pairs."""
+    import threading
+
+    import ray
+    import ray.data
+
+    from spo_ray import records
+
+    ray.init(address=f"127.0.0.1:{GCS_PORT}", namespace="prompt-rows", log_to_driver=False)
+    try:
+        ds = ray.data.from_items([{"task": t} for t in range(4)], override_num_blocks=4)
+        ds = ds.map_batches(_score_task, batch_size=1, batch_format="numpy")
+        ds.context.enable_progress_bars = False
+        got: list[list[dict]] = [[], []]
+
+        def consume(i: int, shard) -> None:
+            for batch in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                got[i].append(records.to_torch(records.ungroup_prompts(batch)))
+
+        threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(ds.streaming_split(2, equal=False))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        ray.shutdown()
+    received = records.sort_rows(records.concat([b for part in got for b in part if len(b["pair_id"])]), "pair_id")
+    want = records.sort_rows(records.concat([_pairs(t, c) for t, c in enumerate([[1, 3, 2], [2, 2], [], [4]])]), "pair_id")
+    assert _equal(received, want)

@@ -115,6 +115,7 @@ class ClusterCase:
     publish_bytes: float  # one policy version: LoRA in fp32, full fine-tuning in bf16 (the samplers' dtype)
     latent_bytes: int  # one latent in fp32 (the precision the log-prob takes)
     cond_bytes: int  # the text conditioning of one prompt, bf16
+    prompts_per_round: int
     pairs_per_round: int  # prompts x branching segments x a kept fraction of ~0.5
     segment: int  # transitions per pair
     batch_size: int  # the paper's global micro-batch, in transition rows
@@ -124,22 +125,29 @@ class ClusterCase:
     def pair_bytes(self) -> int:  # x_t + winner's and loser's segment + the conditioning
         return (1 + 2 * self.segment) * self.latent_bytes + self.cond_bytes
 
-    def transition_bytes(self, shared: bool) -> int:  # win in/out, lose in/out + the conditioning, packed
-        return (3 if shared else 4) * self.latent_bytes + self.cond_bytes
+    @property
+    def stream_bytes(self) -> int:  # a round's prompt rows: the pairs' latents, the conditioning once per prompt
+        return self.pairs_per_round * (self.pair_bytes - self.cond_bytes) + self.prompts_per_round * self.cond_bytes
+
+    def transition_bytes(self, shared: bool) -> int:  # win in/out, lose in/out, packed (without the conditioning)
+        return (3 if shared else 4) * self.latent_bytes
 
 
 SD15_LATENT, SDXL_LATENT = 4 * 64 * 64 * 4, 4 * 128 * 128 * 4
 SD15_COND, SDXL_COND = 77 * 768 * 2, (77 * 2048 + 1280 + 6) * 2
 CASES = (
-    ClusterCase("A: SD1.5 LoRA r4, 8 GPUs", 0.8e6, 0.8e6 * 4, SD15_LATENT, SD15_COND, 40 * 16 // 2, 1, 40, 4),
-    ClusterCase("B: SDXL LoRA r64, 32 GPUs", 93e6, 93e6 * 4, SDXL_LATENT, SDXL_COND, 8 * 4 // 2, 4, 8, 8),
-    ClusterCase("C: SDXL full FT, 64 GPUs", 2.6e9, 2.6e9 * 2, SDXL_LATENT, SDXL_COND, 8 * 4 // 2, 4, 8, 8),
+    ClusterCase("A: SD1.5 LoRA r4, 8 GPUs", 0.8e6, 0.8e6 * 4, SD15_LATENT, SD15_COND, 40, 40 * 16 // 2, 1, 40, 4),
+    ClusterCase("B: SDXL LoRA r64, 32 GPUs", 93e6, 93e6 * 4, SDXL_LATENT, SDXL_COND, 8, 8 * 4 // 2, 4, 8, 8),
+    ClusterCase("C: SDXL full FT, 64 GPUs", 2.6e9, 2.6e9 * 2, SDXL_LATENT, SDXL_COND, 8, 8 * 4 // 2, 4, 8, 8),
 )
 FORMULAS = [
     "transition rows per rank = the largest share routing.transition_shares gives a rank over 10 rounds of the case's "
     "size (a pure function of ids: the plan the trainers run)",
-    "bytes received per rank per round <= those rows x (4 latents + conditioning; 3 latents for a segment's first "
-    "transition, whose two inputs are the same x_t)",
+    "bytes received per rank per round <= those rows x 4 latents (3 for a segment's first transition, whose two "
+    "inputs are the same x_t) + the conditioning once per prompt among them (a prompt's pairs are contiguous in the "
+    "canonical order: pairs per prompt = pairs per round / prompts per round)",
+    "scorer -> trainer per round = pairs x (1 + 2 x segment) latents + prompts x conditioning (prompt rows); "
+    "(was) the conditioning in every pair",
     "(whole pairs routed) = the most pairs any rank needs a transition of x pair bytes (1 + 2 x segment latents + conditioning)",
     "(gathered) = every rank receives the whole round: pairs per round x pair bytes",
     "bytes through the PolicyStore per version = measured (references only, independent of the model)",
@@ -157,11 +165,13 @@ def case_shares(case: ClusterCase, rounds: int = 10) -> tuple[int, int, int]:
 
     total = case.pairs_per_round * case.segment
     pair_of, first = torch.arange(total) // case.segment, torch.arange(total) % case.segment == 0
+    prompt_of = pair_of // (case.pairs_per_round // case.prompts_per_round)
     busiest = (0, 0, 0)
     for r in range(rounds):
         for share in transition_shares(total, world=case.ranks, batch_size=case.batch_size, seed=0, epoch=0, round_index=r):
             shared = int(first[share].sum())
-            nbytes = shared * case.transition_bytes(True) + (share.numel() - shared) * case.transition_bytes(False)
+            nbytes = (shared * case.transition_bytes(True) + (share.numel() - shared) * case.transition_bytes(False)
+                      + len(set(prompt_of[share].tolist())) * case.cond_bytes)
             busiest = max(busiest, (share.numel(), nbytes, len(set(pair_of[share].tolist()))), key=lambda b: b[1])
     return busiest
 
@@ -178,6 +188,8 @@ def extrapolate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "bytes_received_per_rank_per_round": nbytes,
             "whole_pairs_instead": pairs * case.pair_bytes,
             "gathered_instead": case.pairs_per_round * case.pair_bytes,
+            "stream_bytes_per_round": case.stream_bytes,
+            "stream_bytes_per_round_per_pair_conditioning": case.pairs_per_round * case.pair_bytes,
             "store_bytes_per_version": store,
             "publish_to_usable_s": case.publish_bytes / 25e9 + case.publish_bytes / 12.5e9,
             "checkpoint_bytes_per_rank": 12 * case.params / case.ranks,
@@ -217,13 +229,16 @@ def render_scale(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> str
             f"| {r['policy_fetch_s']:.3f} | {r['publish_to_usable_s']:.3f} |")
     lines += ["", "## Extrapolated to the cluster cases", "",
               "| case | transitions per round | transitions per rank (max) | received per rank per round "
-              "| (whole pairs routed) | (gathered) | bytes through the store per version | publish-to-usable "
-              "| checkpoint per rank |", "|---|---|---|---|---|---|---|---|---|"]
+              "| (whole pairs routed) | (gathered) | scorer -> trainer per round (was) "
+              "| bytes through the store per version | publish-to-usable "
+              "| checkpoint per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         lines.append(
             f"| {c['case']} | {c['transitions_per_round']} | {c['transitions_per_rank']} "
             f"| {c['bytes_received_per_rank_per_round'] / 1e6:.1f} MB | {c['whole_pairs_instead'] / 1e6:.1f} MB "
-            f"| {c['gathered_instead'] / 1e6:.1f} MB | {c['store_bytes_per_version']:.0f} B | {c['publish_to_usable_s']:.3f} s "
+            f"| {c['gathered_instead'] / 1e6:.1f} MB "
+            f"| {c['stream_bytes_per_round'] / 1e6:.1f} MB ({c['stream_bytes_per_round_per_pair_conditioning'] / 1e6:.1f} MB) "
+            f"| {c['store_bytes_per_version']:.0f} B | {c['publish_to_usable_s']:.3f} s "
             f"| {c['checkpoint_bytes_per_rank'] / 1e9:.3f} GB |")
     lines += ["", "Formulas:"] + [f"- {f}" for f in FORMULAS]
     return "\n".join(lines) + "\n"

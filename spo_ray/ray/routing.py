@@ -21,12 +21,12 @@ Why transitions and not pairs: the micro-batch shuffle scatters a pair's transit
 ranks, so with segments of several transitions (SDXL's inner steps: 4) whole pairs would follow
 every rank that needs one of them: at the SDXL preset's round (16 pairs, 64 transitions,
 micro-batches of 8) the busiest rank needs 100% / 81% / 50% of the pairs at 2 / 4 / 8 ranks, and
-only 12.5% of the transitions at 8. A transition row travels as 4 latents + the conditioning, 3
-latents for a segment's first transition (``_packed``), so a one-transition pair costs the same
-either way. Per rank and round (the busiest, from ``transition_shares`` at each case's round:
-``spo-ray bench --scale``): (A) SD1.5 LoRA, 320 transitions on 4 ranks: 25.2 MB, as routing whole
-pairs; (B) and (C) SDXL, 64 transitions on 8 ranks: 10.9 MB instead of 21.4 MB (whole pairs) or
-42.8 MB (the round gathered on every rank). Routing CPU per rank: the metadata all-gather, one
+only 12.5% of the transitions at 8. A transition row travels as 4 latents, 3 for a segment's
+first transition, and the conditioning once per prompt among the rows an object holds
+(``_packed``). Per rank and round (the busiest, from ``transition_shares`` at each case's round:
+``spo-ray bench --scale``): (A) SD1.5 LoRA, 320 transitions on 4 ranks: 20.5 MB (25.2 MB with
+the conditioning per row, as routing whole pairs); (B) and (C) SDXL, 64 transitions on 8 ranks:
+10.6 MB instead of 21.4 MB (whole pairs) or 42.8 MB (the round gathered on every rank). Routing CPU per rank: the metadata all-gather, one
 expand of the pairs it holds, one put per destination (measured in the scale bench).
 """
 
@@ -40,6 +40,7 @@ import torch
 
 from spo_ray import records
 from spo_ray.learner import RoundRows, local_rows, plan_microbatches
+from spo_ray.scoring import prompt_of_pair
 from spo_ray.training import expand_transitions, take_rows
 
 
@@ -145,15 +146,17 @@ def route_round(local: list[dict[str, Any]], *, rank: int, world: int, batch_siz
 
 def _packed(rows: dict[str, Any]) -> dict[str, Any]:
     """Transition rows for transport: a segment's first transition starts both candidates at the
-    shared x_t (lose_in equals win_in exactly), so lose_in travels for the other rows only. A
-    one-transition pair's row then costs what the pair does (x_t, two outputs, the conditioning)."""
+    shared x_t (lose_in equals win_in exactly), so lose_in travels for the other rows only (a
+    one-transition pair's row then costs what the pair does: x_t and two outputs); the
+    conditioning travels once per prompt among the rows (``records.share_conditioning``)."""
+    rows = records.share_conditioning(rows, prompt_of_pair(rows["pair_id"]))
     return {**rows, "lose_in": rows["lose_in"][~rows["shared"]]}
 
 
 def _unpacked(rows: dict[str, Any]) -> dict[str, Any]:
     lose_in = rows["win_in"].clone()
     lose_in[~rows["shared"]] = rows["lose_in"]
-    return {**rows, "lose_in": lose_in}
+    return records.unshare_conditioning({**rows, "lose_in": lose_in})
 
 
 def telemetry_bytes(batch: dict[str, Any]) -> int:

@@ -3,7 +3,8 @@ trainer rank waits for one whole round of it.
 
     plan rows (one per sampling task: a slice of a round's prompts)
       -> map_batches(SamplerWorker, actor pool)  trajectory records (candidate pools)
-      -> map_batches(ScorerWorker, actor pool)   kept win/lose pairs
+      -> map_batches(ScorerWorker, actor pool)   kept win/lose pairs, one row per prompt
+                                                 (``records.group_by_prompt``: conditioning once)
       -> streaming_split(n, equal=False)         each rank pulls what arrives (ShardPump)
 
 A round is complete when the RoundLedger says every prompt of it was scored and the kept pairs it
@@ -114,7 +115,7 @@ class ShardPump:
                 return
             if isinstance(item, BaseException):
                 raise RuntimeError("the pair stream failed") from item
-            batch = records.to_torch(item)
+            batch = records.to_torch(records.ungroup_prompts(item))
             for r in batch["round"].unique().tolist():
                 rows = (batch["round"] == r).nonzero(as_tuple=True)[0]
                 self.by_round.setdefault(int(r), []).append(take_rows(batch, rows))

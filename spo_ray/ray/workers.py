@@ -125,7 +125,7 @@ class ScorerWorker:
                 stats.score_sum_per_row[b], (events_per_row - nonfinite) * k, nonfinite,
             ))
         ray.get([self.ledger.report.remote(r, rows, self.generation) for r, rows in by_round.items()])
-        out = records.to_numpy(pairs)  # timings and scores go to the telemetry sink and the ledger
+        out = records.group_by_prompt(pairs)  # one row per prompt: its conditioning once
         self.meter.record(  # scorer -> trainer hop: the returned block against its tensor minimum
             wall_started, time.time(), images_scored=stats.images, scoring_events=stats.events, kept=stats.kept,
             bytes_out=telemetry.payload_bytes(out), min_bytes_out=telemetry.pair_min_bytes(pairs, self.model.dtype.itemsize),
