@@ -27,12 +27,16 @@ writes run in parallel (~0.5 s at 1 GB/s per rank to shared storage that keeps u
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +55,7 @@ FORMAT = 2
 STATE = "state.json"
 MANIFEST = "manifest.json"
 HASHES_PREFIX = ".hashes-"  # each rank's hashes of the shards it wrote, merged into the manifest by rank 0
+FAILED_PREFIX = ".failed-"  # a rank's write error, for rank 0's background completion
 
 
 class CheckpointError(ValueError):
@@ -146,41 +151,66 @@ def save_checkpoint(
     ``final/``). Cost: one more copy of the LoRA in fp32 per checkpoint (SD1.5 r4 3 MB, SDXL r64
     370 MB beside its 1.1 GB of weights and moments), read back from the shards rank 0 just
     waited for. ``extra`` (any rank) is written as that rank's ``extra-`` shard, read back by
-    :func:`extra_shards`. Returns the folder on rank 0, None elsewhere."""
+    :func:`extra_shards`. Returns the folder on rank 0, None elsewhere. (The Ray engine writes in
+    the background with the same steps: :class:`CheckpointWriter`.)"""
+    tmp, final = _prepare(run_dir, progress.position, rank)
+    barrier()
+    try:
+        _write_shard(tmp, rank, world, weights, optimizer, extra)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(run_dir, final, err) from err
+    barrier()
+    return _complete(run_dir, tmp, final, progress, keep, export) if rank == 0 else None
+
+
+def _prepare(run_dir: str | Path, position: int, rank: int) -> tuple[Path, Path]:
+    """The temporary folder of checkpoint ``position`` (created afresh by rank 0) and its final name."""
     root = checkpoint_dir(run_dir)
-    final = root / f"{PREFIX}{progress.position:07d}"
+    final = root / f"{PREFIX}{position:07d}"
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+    return tmp, final
+
+
+def _write_shard(tmp: Path, rank: int, world: int, weights: Mapping[str, torch.Tensor],
+                 optimizer: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor] | None) -> None:
+    """This rank's shards and, last, its hashes of them (``.hashes-<rank>.json``, written atomically:
+    its presence says the rank is done). Raises OSError (ENOSPC before writing when the space
+    the shards need is not free)."""
     needed = sum(v.numel() * v.element_size() for v in [*weights.values(), *(extra or {}).values()])
     needed += 4 * sum(v.numel() for v in optimizer.values())
-    try:
-        free = shutil.disk_usage(tmp).free
-        if free < needed:
-            raise OSError(errno.ENOSPC, f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free")
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                  str(tmp / shard_file("weights", rank, world)))
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
-                  str(tmp / shard_file("optimizer", rank, world)))
-        if extra is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / shard_file("extra", rank, world)))
-        # Each rank hashes what it wrote (read back from the page cache), in parallel: rank 0 alone
-        # would hash the whole checkpoint while every rank waits (SDXL full fine-tuning: 31 GB,
-        # ~35 s at the 0.83 GiB/s measured on one core here; each of 8 ranks: 3.9 GB, ~4.5 s).
-        kinds = ("weights", "optimizer", *(("extra",) if extra is not None else ()))
-        hashes = {shard_file(k, rank, world): file_entry(tmp / shard_file(k, rank, world)) for k in kinds}
-        (tmp / f"{HASHES_PREFIX}{rank:05d}.json").write_text(json.dumps(hashes))
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        what = "no space left on device" if err.errno == errno.ENOSPC else str(err)
-        raise CheckpointError(f"checkpoint {final} could not be written: {what} ({err.strerror or err}); "
-                              f"the previous checkpoint {previous or '(none)'} stays valid") from err
-    barrier()
-    if rank != 0:
-        return None
+    free = shutil.disk_usage(tmp).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free")
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / shard_file("weights", rank, world)))
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in optimizer.items()},
+              str(tmp / shard_file("optimizer", rank, world)))
+    if extra is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / shard_file("extra", rank, world)))
+    # Each rank hashes what it wrote (read back from the page cache), in parallel: rank 0 alone
+    # would hash the whole checkpoint while every rank waits (SDXL full fine-tuning: 31 GB,
+    # ~35 s at the 0.83 GiB/s measured on one core here; each of 8 ranks: 3.9 GB, ~4.5 s).
+    kinds = ("weights", "optimizer", *(("extra",) if extra is not None else ()))
+    hashes = {shard_file(k, rank, world): file_entry(tmp / shard_file(k, rank, world)) for k in kinds}
+    part = tmp / f"{HASHES_PREFIX}{rank:05d}.part"
+    part.write_text(json.dumps(hashes))
+    os.replace(part, tmp / f"{HASHES_PREFIX}{rank:05d}.json")
+
+
+def _write_error(run_dir: str | Path, final: Path, err: OSError) -> CheckpointError:
+    previous = latest_checkpoint(run_dir)
+    what = "no space left on device" if err.errno == errno.ENOSPC else str(err)
+    return CheckpointError(f"checkpoint {final} could not be written: {what} ({err.strerror or err}); "
+                           f"the previous checkpoint {previous or '(none)'} stays valid")
+
+
+def _complete(run_dir: str | Path, tmp: Path, final: Path, progress: RunProgress, keep: int,
+              export: Callable[[dict[str, torch.Tensor], Path], Any] | None) -> Path:
+    """Rank 0, once every rank's shards are written: the export, state.json, the manifest (the
+    ranks' hashes merged), the atomic rename and the pruning."""
     known: dict[str, dict[str, Any]] = {}
     for sidecar in sorted(tmp.glob(f"{HASHES_PREFIX}*.json")):
         known.update(json.loads(sidecar.read_text()))
@@ -197,6 +227,100 @@ def save_checkpoint(
     os.replace(tmp, final)
     prune(run_dir, keep)
     return final
+
+
+@dataclass
+class WrittenCheckpoint:
+    """A background write, settled: the checkpoint's folder (rank 0, when complete) and the error
+    this rank saw (None: none)."""
+
+    position: int
+    path: Path | None
+    error: str | None
+
+
+class CheckpointWriter:
+    """One trainer rank's checkpoints, written in a background thread while training goes on.
+
+    The caller gathers its shard on the main thread (``learner.checkpoint_shard``: collective,
+    owned CPU copies, so training may change the parameters at once) and calls :meth:`submit`:
+    rank 0 creates the temporary folder, every rank passes ``barrier`` (the one collective), then
+    a thread writes and hashes this rank's shards; rank 0's thread waits until every rank's hashes
+    are on storage (a rank that failed leaves ``.failed-<rank>`` instead) and completes the
+    checkpoint exactly as :func:`save_checkpoint` does. At most one is in flight: :meth:`settle`
+    joins it (the next submit calls it; the caller calls it before it stops or finishes), and the
+    caller agrees on errors across ranks with one all-reduce, so every rank raises together.
+
+    What the thread takes off the critical path, per checkpoint and rank: writing and hashing
+    the shard. SD1.5 LoRA r4 on 8 GPUs: ~2.4 MB, milliseconds. SDXL LoRA r64 on 32 (8 ranks with
+    work): 140 MB, ~0.2 s. SDXL full fine-tuning on 64: 3.9 GB, ~2 s of writes at 2 GB/s and ~4.5 s
+    of sha256 at the 0.83 GiB/s measured here. The gathers stay on the main thread (they are
+    collectives). Memory: the shard stays in host memory until written (the same as before,
+    held a round longer). A checkpoint counts only once renamed: a crash while one is in flight
+    resumes from the one before, as a crash while writing synchronously did."""
+
+    def __init__(self, run_dir: str | Path, *, rank: int, world: int, keep: int, barrier: Callable[[], None]):
+        self.run_dir, self.rank, self.world, self.keep, self.barrier = Path(run_dir), rank, world, keep, barrier
+        self._thread: threading.Thread | None = None
+        self._result: WrittenCheckpoint | None = None
+
+    def submit(self, progress: RunProgress, *, weights: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor],
+               export: Callable[[dict[str, torch.Tensor], Path], Any] | None = None) -> None:
+        if self._thread is not None:
+            raise RuntimeError("CheckpointWriter.submit: settle the checkpoint in flight first")
+        tmp, final = _prepare(self.run_dir, progress.position, self.rank)
+        self.barrier()
+        state = copy.deepcopy(progress)  # as of now: the loop goes on changing it
+        self._result = WrittenCheckpoint(progress.position, None, None)
+        self._thread = threading.Thread(target=self._write, args=(tmp, final, state, weights, optimizer, export),
+                                        name=f"checkpoint-{progress.position}", daemon=True)
+        self._thread.start()
+
+    def _write(self, tmp: Path, final: Path, progress: RunProgress, weights: Mapping[str, torch.Tensor],
+               optimizer: Mapping[str, torch.Tensor], export: Callable[[dict[str, torch.Tensor], Path], Any] | None) -> None:
+        result = self._result
+        try:
+            _write_shard(tmp, self.rank, self.world, weights, optimizer, None)
+        except OSError as err:
+            result.error = str(_write_error(self.run_dir, final, err))
+            with contextlib.suppress(OSError):
+                (tmp / f"{FAILED_PREFIX}{self.rank:05d}").write_text(result.error)
+        if self.rank != 0:
+            return
+        failed = self._wait_for_ranks(tmp)
+        if result.error is None and failed:
+            result.error = f"checkpoint {final} was not completed: {failed}"
+        if result.error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            result.path = _complete(self.run_dir, tmp, final, progress, self.keep, export)
+        except OSError as err:
+            result.error = str(_write_error(self.run_dir, final, err))
+
+    def _wait_for_ranks(self, tmp: Path) -> str | None:
+        """Rank 0's thread: block until every rank's hashes or failure marker is there; the
+        failures, if any. (A rank that dies is a worker failure: Ray Train restarts the group.)"""
+        waited = time.monotonic()
+        while True:
+            done = {int(p.name[len(HASHES_PREFIX):].split(".")[0]) for p in tmp.glob(f"{HASHES_PREFIX}*.json")}
+            failures = {p: p.read_text() for p in tmp.glob(f"{FAILED_PREFIX}*")}
+            if len(done) + len(failures) >= self.world:
+                return "; ".join(f"rank {p.name[len(FAILED_PREFIX):].lstrip('0') or '0'}: {m}"
+                                 for p, m in sorted(failures.items())) or None
+            if time.monotonic() - waited > 60:
+                waited = time.monotonic()
+                log.info("checkpoint %s: waiting for ranks %s to write their shards", tmp.name,
+                         sorted(set(range(self.world)) - done))
+            time.sleep(0.02)
+
+    def settle(self) -> WrittenCheckpoint | None:
+        """Join the checkpoint in flight; what became of it (None: none was)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread, result, self._result = None, self._result, None
+        return result
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:

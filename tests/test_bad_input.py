@@ -351,3 +351,54 @@ def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path: Path) 
         assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def _background_writer_rank(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from spo_ray.checkpointing import CheckpointWriter, RunProgress
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    writer = CheckpointWriter(run_dir, rank=rank, world=world, keep=3, barrier=lambda: dist.all_reduce(torch.zeros(1)))
+    settled = []
+    for position, numel in ((1, 100), (2, 200_000 if rank == 1 else 100)):  # rank 1's second shard does not fit
+        writer.submit(RunProgress(position=position), weights={f"w{rank}": torch.zeros(numel)}, optimizer={})
+        done = writer.settle()
+        settled.append({"error": done.error, "path": str(done.path) if done.path else None})
+    dist.barrier()
+    Path(f"{out}.{rank}").write_text(json.dumps(settled))
+    dist.destroy_process_group()
+
+
+def test_a_background_checkpoint_that_one_rank_cannot_write_fails_on_every_rank(tmp_path: Path) -> None:
+    """The Ray trainer's background writer on two gloo ranks and a real full filesystem (a 256 KiB
+    tmpfs): rank 1's shard of the second checkpoint does not fit. Rank 1 names the full disk, rank 0
+    does not complete the checkpoint and names rank 1's error; no temporary folder is left and
+    the first checkpoint stays the latest."""
+    import json
+    import subprocess
+
+    from spo_ray.checkpointing import checkpoint_problem, latest_checkpoint
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    try:
+        run_dir, out, world = small / "run", str(tmp_path / "settled"), 2
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(_background_writer_rank, args=(world, port, str(run_dir), out), nprocs=world, join=True)
+        (first0, second0), (first1, second1) = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(world))
+        assert first0 == {"error": None, "path": str(run_dir / "checkpoints" / "round-0000001")}
+        assert first1 == {"error": None, "path": None}
+        assert "round-0000002 could not be written: no space left on device" in second1["error"]
+        assert "round-0000001" in second1["error"]  # "the previous checkpoint ... stays valid"
+        assert second0["path"] is None and "round-0000002 was not completed: rank 1:" in second0["error"]
+        assert latest_checkpoint(run_dir).name == "round-0000001" and checkpoint_problem(latest_checkpoint(run_dir)) is None
+        assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo_ray.checkpointing import RunProgress, file_entry, latest_checkpoint, load_checkpoint, save_checkpoint
+from spo_ray.checkpointing import (
+    CheckpointWriter,
+    RunProgress,
+    file_entry,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from spo_ray.config import load_config
 from spo_ray.learner import (
     LOSS_STATS,
@@ -203,6 +210,13 @@ def _checkpoint_roundtrip(learner, run_dir: Path, rank: int, world: int) -> tupl
     save_checkpoint(run_dir, RunProgress(position=1), weights=weights, optimizer=moments, rank=rank, world=world,
                     barrier=barrier)
     barrier()  # rank 0 has completed it
+    # The Ray trainer's background writer, from the same shard: the same checkpoint, file for file.
+    writer = CheckpointWriter(run_dir.with_name(run_dir.name + "-background"), rank=rank, world=world, keep=3,
+                              barrier=barrier)
+    writer.submit(RunProgress(position=1), weights=weights, optimizer=moments)
+    written = writer.settle()
+    assert written.error is None and (written.path is not None) == (rank == 0)
+    barrier()
     _, weights, moments = load_checkpoint(latest_checkpoint(run_dir))
     folder = latest_checkpoint(run_dir)
     assert len(list(folder.glob("weights-*"))) == world
@@ -210,6 +224,9 @@ def _checkpoint_roundtrip(learner, run_dir: Path, rank: int, world: int) -> tupl
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     assert manifest == {f.name: file_entry(f) for f in folder.iterdir() if f.name != "manifest.json"}
     assert len(manifest) == 2 * world + 1  # weights and optimizer shards, state.json
+    background = latest_checkpoint(run_dir.with_name(run_dir.name + "-background"))
+    assert json.loads((background / "manifest.json").read_text())["files"] == manifest
+    assert sorted(f.name for f in background.iterdir()) == sorted(f.name for f in folder.iterdir())
     return weights, moments
 
 

@@ -45,8 +45,9 @@ METER_COUNTERS = (
     "images_scored", "scoring_events", "kept",  # scorer
     "bytes_out", "min_bytes_out",  # sampler and scorer: the bytes they hand on and that hop's minimum
     "bytes_in", "transitions_held", "rounds", "train_seconds", "wait_seconds", "publish_seconds",  # trainer
-    "report_seconds", "checkpoint_seconds", "route_seconds",
+    "report_seconds", "checkpoint_seconds", "route_seconds", "checkpoint_wait_seconds",
     "publish_cpu_seconds", "report_cpu_seconds", "checkpoint_cpu_seconds", "route_cpu_seconds",
+    "checkpoint_wait_cpu_seconds",
 )
 HISTOGRAMS = ("spo_round_seconds", "spo_gate_wait_seconds")
 SECONDS_BUCKETS = [0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800]

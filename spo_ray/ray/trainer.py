@@ -4,7 +4,8 @@
     -> train it (learner.train_round, the same as in process)
     -> publish the next policy version (rank 0 -> PolicyStore)
     -> report (rank 0: metrics.jsonl, MLflow, the console, images)
-    -> checkpoint (every run.checkpoint_every_rounds; collective under ZeRO)
+    -> checkpoint (every run.checkpoint_every_rounds; the gathers collective under ZeRO, the
+       writes in the background: checkpointing.CheckpointWriter)
 
 Every rank runs every stage (the collectives line up); rank 0 alone talks to the store, the
 run log and MLflow.
@@ -27,12 +28,13 @@ import torch
 
 from spo_ray import records, telemetry
 from spo_ray.checkpointing import (
+    CheckpointError,
+    CheckpointWriter,
     RunProgress,
     load_checkpoint,
     load_trainable_weights,
     mlflow_run_to_continue,
     resume_checkpoint,
-    save_checkpoint,
     upload_due,
 )
 from spo_ray.components import apply_fast_path, last_round, load_model, prompt_plan
@@ -79,6 +81,7 @@ class TrainerContext:
     started: float = field(default_factory=time.time)
     meter: telemetry.RoleMeter = field(default_factory=lambda: telemetry.RoleMeter("trainer"))
     sink: Any = None  # the run's telemetry sink
+    writer: CheckpointWriter | None = None
     stopped_by: str | None = None  # why the run stopped early (non-finite values, a stop request)
     interrupted: bool = False  # stopped on request (ray job stop / Ctrl-C)
 
@@ -187,6 +190,8 @@ def set_up(cfg: SPOConfig, num_prompts: int) -> tuple[TrainerContext, RunProgres
     plan = prompt_plan(cfg, num_prompts)
     ctx = TrainerContext(cfg, rank, world, learner, loss_fn, pump, store, ledger, plan, last_round(cfg, plan))
     ctx.meter.actor, ctx.meter.run, ctx.sink = f"rank{rank}", cfg.run.name, telemetry.connect(cfg.run.name)
+    ctx.writer = CheckpointWriter(cfg.run_dir, rank=rank, world=world, keep=cfg.run.keep_checkpoints,
+                                  barrier=lambda: learner.all_reduce_sum([0.0]))
     progress.engine = "ray"
     if rank == 0:
         # MLflow from trainer rank 0 (Ray Train V2 refuses Tune logger callbacks); a restart or a
@@ -306,21 +311,35 @@ def report(ctx: TrainerContext, progress: RunProgress, rnd: Round, lag: int, pai
 
 
 def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
-    """Every rank gathers and writes the parameters it owns (learner.checkpoint_shard); rank 0
-    completes the checkpoint and records it in MLflow."""
+    """Every rank gathers the parameters it owns (learner.checkpoint_shard, collective) and hands
+    them to its CheckpointWriter, which writes them while training goes on; rank 0's completes
+    the checkpoint. The one before is settled first (at most one in flight)."""
+    with timed(ctx, "checkpoint_wait"):  # > 0: the writes did not keep up with the interval
+        settle_checkpoint(ctx)
     weights, moments = checkpoint_shard(ctx.learner)
     progress.applied_steps = ctx.learner.applied_steps()
-    path = save_checkpoint(ctx.cfg.run_dir, progress, weights=weights, optimizer=moments, keep=ctx.cfg.run.keep_checkpoints,
-                           rank=ctx.rank, world=ctx.world, barrier=lambda: ctx.learner.all_reduce_sum([0.0]),
-                           export=checkpoint_lora_exporter(ctx.learner.engine.module, kind=ctx.cfg.model.kind,
-                                                           lora=ctx.cfg.train.lora))
-    if path is not None:
-        ctx.tracker.log_checkpoint(path, upload=upload_due(ctx.cfg, progress.position))
+    ctx.writer.submit(progress, weights=weights, optimizer=moments,
+                      export=checkpoint_lora_exporter(ctx.learner.engine.module, kind=ctx.cfg.model.kind,
+                                                      lora=ctx.cfg.train.lora))
+
+
+def settle_checkpoint(ctx: TrainerContext) -> None:
+    """Join the checkpoint in flight; every rank raises if any rank failed to write it (one
+    all-reduce: the ranks agree); rank 0 records a completed one in MLflow."""
+    done = ctx.writer.settle()
+    if done is None:  # every rank submits at the same points, so none has one in flight
+        return
+    if ctx.learner.all_reduce_sum([float(done.error is not None)])[0] > 0:
+        raise CheckpointError(done.error or f"the checkpoint at position {done.position} failed on another rank "
+                                            "(its log names the error)")
+    if done.path is not None:
+        ctx.tracker.log_checkpoint(done.path, upload=upload_due(ctx.cfg, done.position))
 
 
 def finish(ctx: TrainerContext, progress: RunProgress) -> None:
     """The last grid, the exported policy (inside the collective gather) and rank 0's summary."""
     cfg = ctx.cfg
+    settle_checkpoint(ctx)  # the summary names the checkpoint that stands: it is complete
     weights = ctx.learner.trainable_weights()  # collective under ZeRO-3: every rank calls it
     if ctx.rank == 0:
         if ctx.renderer is not None and ctx.last_grid_position != progress.position:
