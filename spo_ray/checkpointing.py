@@ -12,7 +12,8 @@
                                 the MLflow run id, the writing engine, the format version
         manifest.json           bytes and sha256 of each file (MLflow records it, not the files)
 
-Written to a temporary folder, then renamed; the last ``keep`` are kept. Tensors are keyed by
+Written to a temporary folder, then renamed; the last ``keep`` are kept (the Ray trainer writes
+in the background: :class:`CheckpointWriter`). Tensors are keyed by
 parameter name and whole (not partitioned), so a checkpoint of the in-process engine resumes on
 Ray and the other way round, at any trainer world size. Randomness is a pure function of ids
 (rng.py), so no RNG state is needed to resume exactly. The lr schedule is a pure function of

@@ -279,7 +279,9 @@ def test_guided_noise_pred_matches_two_passes(models: dict[str, DiffusionModel],
     with torch.no_grad():
         guided = model.guided_noise_pred(model.unet, latents, timesteps, cond, neg, 5.0)
         expected, cond_only = _two_pass(model, latents, timesteps, cond, neg, 5.0)
-        torch.testing.assert_close(guided, expected, rtol=0, atol=1e-5)
+        # One batched forward vs two: fp32 rounding of ~5e-6 per noise prediction (batch-size
+        # dependent kernels), amplified by the guidance e_u + s (e_c - e_u): |1 - s| + |s| = 9 times.
+        torch.testing.assert_close(guided, expected, rtol=0, atol=9 * 5e-6)
         assert not torch.allclose(guided, cond_only, atol=1e-3)
         one = model.guided_noise_pred(model.unet, latents, timesteps, cond, neg, 1.0)
         torch.testing.assert_close(one, cond_only, rtol=0, atol=1e-5)
