@@ -67,7 +67,7 @@ def _pairs(seed: int, pairs_per_prompt: list[int], epoch: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     m, prompts = 4, len(pairs_per_prompt)
     counts = torch.tensor(pairs_per_prompt, dtype=torch.long)
-    prompt = torch.repeat_interleave(torch.arange(prompts) * 3 + seed, counts)  # sparse ids, as in a round
+    prompt = torch.repeat_interleave(torch.arange(prompts) * 3 + 100 * seed, counts)  # sparse ids, unique per seed
     seg = torch.cat([torch.randperm(8, generator=g)[:c] for c in pairs_per_prompt]) if prompts else torch.zeros(0)
     n = len(prompt)
     cond = torch.randn(prompts, 7, 16, generator=g).to(torch.bfloat16)
@@ -180,7 +180,7 @@ def test_prompt_rows_round_trip_exactly_with_the_conditioning_once() -> None:
         back = records.to_torch(records.ungroup_prompts(rows))
         assert _equal(back, pairs), counts
         if counts:  # the stream's bytes: the pairs' latents and the conditioning once per prompt
-            once = 7 * 16 * 2 + 4 * 8 + len("prompt 1")  # conditioning, 4 int64 ids, the text: per prompt
+            once = 7 * 16 * 2 + 4 * 8 + len("prompt 100")  # conditioning, 4 int64 ids, the text (ids 100-106)
             assert telemetry.payload_bytes(rows) == telemetry.payload_bytes(records.to_numpy(pairs)) - (
                 sum(counts) - len(counts)) * once
             assert telemetry.pair_min_bytes(pairs, 2) == (
@@ -231,10 +231,14 @@ def test_prompt_rows_through_ray_data_streaming_split(ray_cluster) -> None:
         ds = ds.map_batches(_score_task, batch_size=1, batch_format="numpy")
         ds.context.enable_progress_bars = False
         got: list[list[dict]] = [[], []]
+        errors: list[BaseException] = []
 
         def consume(i: int, shard) -> None:
-            for batch in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                got[i].append(records.to_torch(records.ungroup_prompts(batch)))
+            try:
+                for batch in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                    got[i].append(records.to_torch(records.ungroup_prompts(batch)))
+            except BaseException as err:  # noqa: BLE001 - re-raised below, in the test's thread
+                errors.append(err)
 
         threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(ds.streaming_split(2, equal=False))]
         for t in threads:
@@ -243,6 +247,11 @@ def test_prompt_rows_through_ray_data_streaming_split(ray_cluster) -> None:
             t.join(timeout=120)
     finally:
         ray.shutdown()
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads)
     received = records.sort_rows(records.concat([b for part in got for b in part if len(b["pair_id"])]), "pair_id")
     want = records.sort_rows(records.concat([_pairs(t, c) for t, c in enumerate([[1, 3, 2], [2, 2], [], [4]])]), "pair_id")
-    assert _equal(received, want)
+    assert sorted(received) == sorted(want)
+    for key, value in want.items():
+        assert _equal({key: received[key]}, {key: value}), key
