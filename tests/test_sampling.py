@@ -429,4 +429,5 @@ def test_tensor_minimum_bytes_count_latents_in_float32(sd15_bf16) -> None:
     pairs, _ = PoolScorer(model.decode, BrightnessScorer(scale=5000.0), threshold=0.0)(rec)
     assert pairs["x_t"].dtype == pairs["win"].dtype == pairs["lose"].dtype == torch.float32
     n = len(pairs["pair_id"])
-    assert n > 0 and telemetry.pair_min_bytes(pairs, 2) == n * (1 + 2 * M) * chw * 4 + n * cond // B * 2
+    prompts = len(set(pairs["prompt_id"].tolist()))  # the conditioning: once per prompt with a kept pair
+    assert n > prompts > 0 and telemetry.pair_min_bytes(pairs, 2) == n * (1 + 2 * M) * chw * 4 + prompts * cond // B * 2
