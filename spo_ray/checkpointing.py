@@ -28,7 +28,6 @@ writes run in parallel (~0.5 s at 1 GB/s per rank to shared storage that keeps u
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import hashlib
@@ -201,6 +200,13 @@ def _write_shard(tmp: Path, rank: int, world: int, weights: Mapping[str, torch.T
     os.replace(part, tmp / f"{HASHES_PREFIX}{rank:05d}.json")
 
 
+def _failure(run_dir: str | Path, final: Path, err: Exception) -> str:
+    """A background write's error, as the message every rank raises at settle."""
+    if isinstance(err, OSError):
+        return str(_write_error(run_dir, final, err))
+    return f"checkpoint {final} could not be written: {type(err).__name__}: {err}"
+
+
 def _write_error(run_dir: str | Path, final: Path, err: OSError) -> CheckpointError:
     previous = latest_checkpoint(run_dir)
     what = "no space left on device" if err.errno == errno.ENOSPC else str(err)
@@ -279,13 +285,14 @@ class CheckpointWriter:
 
     def _write(self, tmp: Path, final: Path, progress: RunProgress, weights: Mapping[str, torch.Tensor],
                optimizer: Mapping[str, torch.Tensor], export: Callable[[dict[str, torch.Tensor], Path], Any] | None) -> None:
+        # Every error becomes the result's (a thread's exception would vanish: the checkpoint would
+        # look written, and rank 0 would wait for this rank for ever).
         result = self._result
         try:
             _write_shard(tmp, self.rank, self.world, weights, optimizer, None)
-        except OSError as err:
-            result.error = str(_write_error(self.run_dir, final, err))
-            with contextlib.suppress(OSError):
-                (tmp / f"{FAILED_PREFIX}{self.rank:05d}").write_text(result.error)
+        except Exception as err:  # noqa: BLE001 - reported at settle, on every rank
+            result.error = _failure(self.run_dir, final, err)
+            self._leave_failure_marker(tmp, result.error)
         if self.rank != 0:
             return
         failed = self._wait_for_ranks(tmp)
@@ -296,8 +303,19 @@ class CheckpointWriter:
             return
         try:
             result.path = _complete(self.run_dir, tmp, final, progress, self.keep, export)
+        except Exception as err:  # noqa: BLE001 - reported at settle, on every rank
+            result.error = _failure(self.run_dir, final, err)
+
+    def _leave_failure_marker(self, tmp: Path, error: str) -> None:
+        """Tell rank 0's thread, through the folder it polls, that this rank will not write its
+        hashes. Its partial shards go first, so that a full disk has room for the marker."""
+        for kind in ("weights", "optimizer"):
+            (tmp / shard_file(kind, self.rank, self.world)).unlink(missing_ok=True)
+        try:
+            (tmp / f"{FAILED_PREFIX}{self.rank:05d}").write_text(error)
         except OSError as err:
-            result.error = str(_write_error(self.run_dir, final, err))
+            log.error("checkpoint %s: rank %d could not leave its failure marker (%s); rank 0 waits for it "
+                      "(logged every 60 s) until the worker group restarts", tmp.name, self.rank, err)
 
     def _wait_for_ranks(self, tmp: Path) -> str | None:
         """Rank 0's thread: block until every rank's hashes or failure marker is there; the

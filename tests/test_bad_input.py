@@ -402,3 +402,16 @@ def test_a_background_checkpoint_that_one_rank_cannot_write_fails_on_every_rank(
         assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_a_background_checkpoint_error_of_any_kind_is_reported_not_lost(tmp_path: Path) -> None:
+    """An exception other than OSError in the writer's thread (here: a shard that is not a tensor)
+    becomes the settled result's error naming the checkpoint, instead of dying with the thread
+    and leaving the checkpoint looking written; no folder of it is left."""
+    from spo_ray.checkpointing import CheckpointWriter, RunProgress, latest_checkpoint
+
+    writer = CheckpointWriter(tmp_path, rank=0, world=1, keep=3, barrier=lambda: None)
+    writer.submit(RunProgress(position=3), weights={"w": "not a tensor"}, optimizer={})
+    done = writer.settle()
+    assert done.path is None and "checkpoint" in done.error and "round-0000003 could not be written: AttributeError" in done.error
+    assert latest_checkpoint(tmp_path) is None and not list((tmp_path / "checkpoints").glob(".tmp-*"))
