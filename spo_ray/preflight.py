@@ -20,13 +20,13 @@ from spo_ray.checkpointing import (
     RESUME_MODES,
     checkpoint_problem,
     latest_checkpoint,
-    resume_changes,
     resume_checkpoint,
 )
 from spo_ray.components import fit_prompts_to_tokenizer, load_prompt_set
 from spo_ray.config import SPOConfig
 from spo_ray.learner import trainable_mismatch
 from spo_ray.prompts import PromptSet
+from spo_ray.run_log import resume_changes
 
 log = logging.getLogger("spo_ray")
 

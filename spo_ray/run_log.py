@@ -153,13 +153,55 @@ def write_run_config(run_dir: Path, cfg: Any) -> None:
     config_history.jsonl (time and each changed setting, old and new). Written after the checks."""
     import yaml
 
-    from spo_ray.checkpointing import resume_changes
-
     changes = resume_changes(cfg)
     if changes:
         with (Path(run_dir) / "config_history.jsonl").open("a") as f:
             f.write(json.dumps({"time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
     (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# Settings a resume may not change: they define the run's model, its pairs, its prompt plan and the
+# shape of what the checkpoint holds. Everything else (learning rate and the other optimizer
+# settings, max_rounds, epochs, batch sizes, checkpointing, tracking, resources) may change.
+FROZEN_ON_RESUME = ("model.", "sampling.", "data.", "scorer.type", "scorer.clip_dir", "scorer.checkpoint",
+                    "scorer.kwargs", "scorer.threshold", "scorer.dtype", "train.lora", "train.lora_rank",
+                    "train.lora_alpha", "train.lora_targets", "train.seed", "train.beta", "train.clip_eps")
+
+
+def resume_changes(cfg: Any, frozen: tuple[str, ...] = FROZEN_ON_RESUME) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ from the run's saved config.yaml when there is a checkpoint to resume
+    (dotted key -> (saved, now)); empty for a new run. Raises ValueError listing the changes a
+    resume may not make (``frozen``: dotted keys or prefixes), before anything is written."""
+    import yaml
+
+    from spo_ray.checkpointing import is_own_checkpoint, resume_checkpoint
+
+    found = resume_checkpoint(cfg.run_dir, cfg.run.resume)
+    if found is None:
+        return {}
+    own = is_own_checkpoint(cfg.run_dir, found)
+    saved_file = (cfg.run_dir if own else Path(found).parent.parent) / "config.yaml"  # a fork: its source's
+    if not saved_file.is_file():
+        return {}
+    saved, now = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(cfg.to_dict())
+    changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and k not in ("preset", "run.resume")}
+    refused = [k for k in changes if k.startswith(frozen) or (own and k == "run.name")]
+    if refused:
+        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise ValueError(f"run {cfg.run.name} has a checkpoint and these settings cannot change across a resume: "
+                         f"{listed} (start a new run.name for them)")
+    return changes
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -16,11 +16,10 @@ from spo_ray.checkpointing import (
     mlflow_run_to_continue,
     read_progress,
     remove_stale_temporaries,
-    resume_changes,
 )
 from spo_ray.preflight import InputError
 from spo_ray.ray.common import make_split, torch_trainer
-from spo_ray.run_log import cut_redone
+from spo_ray.run_log import cut_redone, resume_changes
 from spo_ray.spm_training.config import FROZEN_ON_RESUME, SPMConfig
 from spo_ray.spm_training.data import PreferenceSource, inspect_splits, read_and_tag, read_plan
 from spo_ray.spm_training.render import X0Renderer
