@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo demo-local test lint
+.PHONY: install demo demo-local test test-all lint
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -19,6 +19,12 @@ demo-local: install
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
+
+# Also the Ray scenarios marked `extended` (chaos, multi-node rehearsal, SPM jobs, bench smoke):
+# ~40 minutes on the 2-core CI machine; run before changing what they cover (docs/testing.md).
+test-all: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -q -m ""
 
 lint:
 	$(PYTHON) -m ruff check .

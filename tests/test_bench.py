@@ -50,6 +50,7 @@ def local_ray():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bench_smoke_tiny(tmp_path, local_ray):
     opts = bench.BenchOptions(size="tiny", samplers=[1], rounds=2, prompts_per_round=2, steps=8, out=str(tmp_path))
     result = bench.run_bench(opts)

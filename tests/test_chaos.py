@@ -32,7 +32,7 @@ from spo_ray.config import load_config
 from spo_ray.local_engine import run_in_process
 from tests.conftest import GCS_PORT, JOB_ENV, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
 def _rounds_logged(run_dir: Path) -> list[dict]:

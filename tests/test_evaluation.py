@@ -197,6 +197,7 @@ def _read_png(path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_evaluate_job_writes_table_grids_and_mlflow(ray_cluster, tmp_path, inputs):
     out = tmp_path / "out"
     overrides = [

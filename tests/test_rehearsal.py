@@ -29,7 +29,7 @@ SCRIPT = REPO / "cluster" / "rehearsal.sh"
 GCS_PORT = int(os.environ.get("SPO_REHEARSAL_GCS_PORT", "6480"))
 DASHBOARD_PORT = int(os.environ.get("SPO_REHEARSAL_DASHBOARD_PORT", "8280"))
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
 def _port_free(port: int) -> bool:

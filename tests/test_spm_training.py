@@ -390,6 +390,7 @@ def summary_cfg_lr(out: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, tmp_path, unit_latent_base):
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
@@ -477,6 +478,7 @@ def test_train_spm_job_learns_small_t_and_saves_for_the_spo_scorer(ray_cluster, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_diverging_spm_job_stops_with_exit_status_3(ray_cluster, tmp_path, unit_latent_base):
     """A learning rate that sends the weights to ~1e30 after the first step: every later gradient
     is non-finite, DeepSpeed skips the updates, and after train.max_nonfinite_steps of them in a
