@@ -255,8 +255,11 @@ class CheckpointWriter:
     a thread writes and hashes this rank's shards; rank 0's thread waits until every rank's hashes
     are on storage (a rank that failed leaves ``.failed-<rank>`` instead) and completes the
     checkpoint exactly as :func:`save_checkpoint` does. At most one is in flight: :meth:`settle`
-    joins it (the next submit calls it; the caller calls it before it stops or finishes), and the
-    caller agrees on errors across ranks with one all-reduce, so every rank raises together.
+    joins it (the next submit calls it; the caller calls it before it stops or finishes). Settling
+    takes two agreements across ranks (the caller's all-reduce of one number each): whether any
+    rank failed to write its shards (then rank 0 stops waiting for them, even where a disk too
+    full left no failure marker) and, after the join, whether the checkpoint failed anywhere, so
+    every rank raises together.
 
     What the thread takes off the critical path, per checkpoint and rank: writing and hashing
     the shard. SD1.5 LoRA r4 on 8 GPUs: ~2.4 MB, milliseconds. SDXL LoRA r64 on 32 (8 ranks with
@@ -270,6 +273,8 @@ class CheckpointWriter:
         self.run_dir, self.rank, self.world, self.keep, self.barrier = Path(run_dir), rank, world, keep, barrier
         self._thread: threading.Thread | None = None
         self._result: WrittenCheckpoint | None = None
+        self._written = threading.Event()  # this rank's shards are written (or failed)
+        self._abandon = threading.Event()  # rank 0: a rank failed, stop waiting for it
 
     def submit(self, progress: RunProgress, *, weights: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor],
                export: Callable[[dict[str, torch.Tensor], Path], Any] | None = None) -> None:
@@ -279,6 +284,8 @@ class CheckpointWriter:
         self.barrier()
         state = copy.deepcopy(progress)  # as of now: the loop goes on changing it
         self._result = WrittenCheckpoint(progress.position, None, None)
+        self._written.clear()
+        self._abandon.clear()
         self._thread = threading.Thread(target=self._write, args=(tmp, final, state, weights, optimizer, export),
                                         name=f"checkpoint-{progress.position}", daemon=True)
         self._thread.start()
@@ -293,6 +300,8 @@ class CheckpointWriter:
         except Exception as err:  # noqa: BLE001 - reported at settle, on every rank
             result.error = _failure(self.run_dir, final, err)
             self._leave_failure_marker(tmp, result.error)
+        finally:
+            self._written.set()
         if self.rank != 0:
             return
         failed = self._wait_for_ranks(tmp)
@@ -314,29 +323,37 @@ class CheckpointWriter:
         try:
             (tmp / f"{FAILED_PREFIX}{self.rank:05d}").write_text(error)
         except OSError as err:
-            log.error("checkpoint %s: rank %d could not leave its failure marker (%s); rank 0 waits for it "
-                      "(logged every 60 s) until the worker group restarts", tmp.name, self.rank, err)
+            log.error("checkpoint %s: rank %d could not leave its failure marker (%s); rank 0 learns of the "
+                      "failure when the ranks settle the checkpoint", tmp.name, self.rank, err)
 
     def _wait_for_ranks(self, tmp: Path) -> str | None:
-        """Rank 0's thread: block until every rank's hashes or failure marker is there; the
-        failures, if any. (A rank that dies is a worker failure: Ray Train restarts the group.)"""
+        """Rank 0's thread: block until every rank's hashes or failure marker is there, or the
+        ranks agreed at settle that one failed; the failures, if any. (A rank that dies is a worker
+        failure: Ray Train restarts the group.)"""
         waited = time.monotonic()
         while True:
             done = {int(p.name[len(HASHES_PREFIX):].split(".")[0]) for p in tmp.glob(f"{HASHES_PREFIX}*.json")}
             failures = {p: p.read_text() for p in tmp.glob(f"{FAILED_PREFIX}*")}
-            if len(done) + len(failures) >= self.world:
-                return "; ".join(f"rank {p.name[len(FAILED_PREFIX):].lstrip('0') or '0'}: {m}"
-                                 for p, m in sorted(failures.items())) or None
+            if len(done) + len(failures) >= self.world or self._abandon.is_set():
+                missing = sorted(set(range(self.world)) - done - {int(p.name[len(FAILED_PREFIX):]) for p in failures})
+                return "; ".join([*(f"rank {p.name[len(FAILED_PREFIX):].lstrip('0') or '0'}: {m}"
+                                    for p, m in sorted(failures.items())),
+                                  *(f"rank {r}: could not write its shards (its log names the error)" for r in missing)]) or None
             if time.monotonic() - waited > 60:
                 waited = time.monotonic()
                 log.info("checkpoint %s: waiting for ranks %s to write their shards", tmp.name,
                          sorted(set(range(self.world)) - done))
             time.sleep(0.02)
 
-    def settle(self) -> WrittenCheckpoint | None:
-        """Join the checkpoint in flight; what became of it (None: none was)."""
+    def settle(self, agree: Callable[[bool], bool] = bool) -> WrittenCheckpoint | None:
+        """Join the checkpoint in flight; what became of it (None: none was). ``agree`` takes
+        whether this rank failed to write its shards and returns whether any rank did (every rank
+        calls it: an all-reduce; the default suits one rank)."""
         if self._thread is None:
             return None
+        self._written.wait()
+        if agree(self._result.error is not None):
+            self._abandon.set()
         self._thread.join()
         self._thread, result, self._result = None, self._result, None
         return result

@@ -362,10 +362,20 @@ def _background_writer_rank(rank: int, world: int, port: int, run_dir: str, out:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     writer = CheckpointWriter(run_dir, rank=rank, world=world, keep=3, barrier=lambda: dist.all_reduce(torch.zeros(1)))
+
+    def agree(failed: bool) -> bool:  # as the Ray trainer agrees: an all-reduce of one number
+        flag = torch.tensor([float(failed)])
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
     settled = []
-    for position, numel in ((1, 100), (2, 200_000 if rank == 1 else 100)):  # rank 1's second shard does not fit
+    # rank 1's second and third shards do not fit; at the third, the disk has no room for its
+    # failure marker either (here: the marker is not written), so only the agreement tells rank 0
+    for position, numel in ((1, 100), (2, 200_000 if rank == 1 else 100), (3, 200_000 if rank == 1 else 100)):
+        if position == 3 and rank == 1:
+            writer._leave_failure_marker = lambda tmp, error: None
         writer.submit(RunProgress(position=position), weights={f"w{rank}": torch.zeros(numel)}, optimizer={})
-        done = writer.settle()
+        done = writer.settle(agree)
         settled.append({"error": done.error, "path": str(done.path) if done.path else None})
     dist.barrier()
     Path(f"{out}.{rank}").write_text(json.dumps(settled))
@@ -376,7 +386,8 @@ def test_a_background_checkpoint_that_one_rank_cannot_write_fails_on_every_rank(
     """The Ray trainer's background writer on two gloo ranks and a real full filesystem (a 256 KiB
     tmpfs): rank 1's shard of the second checkpoint does not fit. Rank 1 names the full disk, rank 0
     does not complete the checkpoint and names rank 1's error; no temporary folder is left and
-    the first checkpoint stays the latest."""
+    the first checkpoint stays the latest. The third fails the same way where rank 1 cannot even
+    leave its failure marker: rank 0 learns it from the ranks' agreement at settle, not by waiting."""
     import json
     import subprocess
 
@@ -392,12 +403,17 @@ def test_a_background_checkpoint_that_one_rank_cannot_write_fails_on_every_rank(
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         torch.multiprocessing.spawn(_background_writer_rank, args=(world, port, str(run_dir), out), nprocs=world, join=True)
-        (first0, second0), (first1, second1) = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(world))
+        (first0, second0, third0), (first1, second1, third1) = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(world))
         assert first0 == {"error": None, "path": str(run_dir / "checkpoints" / "round-0000001")}
         assert first1 == {"error": None, "path": None}
         assert "round-0000002 could not be written: no space left on device" in second1["error"]
         assert "round-0000001" in second1["error"]  # "the previous checkpoint ... stays valid"
         assert second0["path"] is None and "round-0000002 was not completed: rank 1:" in second0["error"]
+        assert "no space left on device" in second0["error"]  # rank 1's words, from its marker
+        # No marker: rank 0 does not wait for ever; it stops at the agreement and says which rank
+        assert "round-0000003 could not be written: no space left on device" in third1["error"]
+        assert third0["path"] is None and third0["error"].endswith(
+            "round-0000003 was not completed: rank 1: could not write its shards (its log names the error)")
         assert latest_checkpoint(run_dir).name == "round-0000001" and checkpoint_problem(latest_checkpoint(run_dir)) is None
         assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     finally:

@@ -324,9 +324,10 @@ def checkpoint(ctx: TrainerContext, progress: RunProgress) -> None:
 
 
 def settle_checkpoint(ctx: TrainerContext) -> None:
-    """Join the checkpoint in flight; every rank raises if any rank failed to write it (one
-    all-reduce: the ranks agree); rank 0 records a completed one in MLflow."""
-    done = ctx.writer.settle()
+    """Join the checkpoint in flight; every rank raises if any rank failed to write it (two
+    all-reduces of one number: the ranks agree on their writes, then on the result); rank 0
+    records a completed one in MLflow."""
+    done = ctx.writer.settle(agree=lambda failed: ctx.learner.all_reduce_sum([float(failed)])[0] > 0)
     if done is None:  # every rank submits at the same points, so none has one in flight
         return
     if ctx.learner.all_reduce_sum([float(done.error is not None)])[0] > 0:
