@@ -105,21 +105,29 @@ def submit_job(address: str, script: str, *args: str, timeout: int = 600) -> sub
     return proc
 
 
-def scrape_ray_metrics(run: str, want: dict[str, float | None], timeout: float = 60.0) -> dict[str, float]:
-    """The test cluster's Prometheus endpoint: each wanted metric's value for ``run`` (summed over
-    its series: roles, workers; a histogram by its ``_count``). Ray exports every ~10 s, so this
-    polls until every wanted metric is there and equals its wanted value (None: any value)."""
+def scrape_once(run: str) -> dict[str, float]:
+    """The test cluster's Prometheus endpoint now: each metric's value for ``run`` (summed over its
+    series: roles, workers; a histogram by its ``_count``)."""
     import re
     import urllib.request
 
     line = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
-    deadline, found = time.time() + timeout, {}
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    found: dict[str, float] = {}
+    for match in map(line.match, text.splitlines()):
+        if match and f'run="{run}"' in match["labels"]:
+            found[match["name"]] = found.get(match["name"], 0.0) + float(match["value"])
+    return found
+
+
+def scrape_ray_metrics(run: str, want: dict[str, float | None], timeout: float = 60.0) -> dict[str, float]:
+    """Polls :func:`scrape_once` until every wanted metric is there and equals its wanted value
+    (None: any value); Ray exports every ~10 s. Counters and histograms stay after the process
+    that recorded them ends; Ray drops a gauge ~2 export intervals after its process stops
+    reporting it, so gauges are read while the run is live."""
+    deadline = time.time() + timeout
     while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
-        found = {}
-        for match in map(line.match, text.splitlines()):
-            if match and f'run="{run}"' in match["labels"]:
-                found[match["name"]] = found.get(match["name"], 0.0) + float(match["value"])
+        found = scrape_once(run)
         if all(k in found and (v is None or found[k] == v) for k, v in want.items()) or time.time() > deadline:
             return found
         time.sleep(2)
