@@ -333,12 +333,11 @@ class CheckpointWriter:
         waited = time.monotonic()
         while True:
             done = {int(p.name[len(HASHES_PREFIX):].split(".")[0]) for p in tmp.glob(f"{HASHES_PREFIX}*.json")}
-            failures = {p: p.read_text() for p in tmp.glob(f"{FAILED_PREFIX}*")}
+            failures = {int(p.name[len(FAILED_PREFIX):]): p.read_text() for p in tmp.glob(f"{FAILED_PREFIX}*")}
             if len(done) + len(failures) >= self.world or self._abandon.is_set():
-                missing = sorted(set(range(self.world)) - done - {int(p.name[len(FAILED_PREFIX):]) for p in failures})
-                return "; ".join([*(f"rank {p.name[len(FAILED_PREFIX):].lstrip('0') or '0'}: {m}"
-                                    for p, m in sorted(failures.items())),
-                                  *(f"rank {r}: could not write its shards (its log names the error)" for r in missing)]) or None
+                for rank in set(range(self.world)) - done - set(failures):  # failed without a marker
+                    failures[rank] = "could not write its shards (its log names the error)"
+                return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items())) or None
             if time.monotonic() - waited > 60:
                 waited = time.monotonic()
                 log.info("checkpoint %s: waiting for ranks %s to write their shards", tmp.name,

@@ -11,7 +11,8 @@ exact accounting and no pair trained twice.
 - a stopped job: the trainer finishes its round and checkpoints; the same run name resumes there
   on one rank instead of two (DeepSpeed's fp32 masters and Adam moments are saved whole by
   parameter name, each rank's share, so the world size may change). The resume runs in the
-  in-process engine, which reads the checkpoint as a one-worker Ray trainer does: one job instead
+  in-process engine, which merges the two ranks' shards by parameter name as every resume does
+  (checkpointing.load_checkpoint): one job instead
   of two, because each job costs ~1.5-2 minutes of start-up on the CI machine (Ray resuming a Ray
   checkpoint: the killed trainer worker above; Ray and in-process resuming each other's:
   tests/test_ray_engine.py; DeepSpeed's state across world sizes: tests/test_learner.py).
